@@ -1,0 +1,49 @@
+"""`dsm-tune` command line: one sub-command per module of `dsm_tune.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dsm_tune import __version__
+from dsm_tune.errors import DSMTuneError
+
+# Imported lazily so `dsm-tune measure` does not pay for importing ray/mlflow/optuna.
+COMMAND_MODULES = ("measure", "run", "report", "export", "verify", "ui")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsm-tune",
+        description="Tune Delayed Spatial Merging (DSM) for a timm ViT on a target device.",
+    )
+    parser.add_argument("--version", action="version", version=f"dsm-tune {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"dsm_tune.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"dsm_tune.commands.{name}":
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DSMTuneError as exc:
+        print(f"dsm-tune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsm-tune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
