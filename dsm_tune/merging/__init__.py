@@ -1,0 +1,1 @@
+"""Runtime DSM merger for timm ViTs (torch + timm only)."""
