@@ -1,0 +1,216 @@
+"""Patching a timm VisionTransformer in place so its blocks run the DSM schedule.
+
+The block stack is swapped for `DSMBlockStack`, an `nn.Sequential` holding the very same block modules (so the
+state dict keys and weights are untouched), whose forward carries the token sizes from block to block. Blocks that
+neither merge nor need size-aware attention run their own, unmodified forward, which is what makes the "every
+ratio 0" config bit-identical to the original model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DSMConfig, ModelFingerprint, ModelMismatchError
+from .matching import bipartite_merge, window_order
+from .schedule import BlockPlan, block_plan
+
+SUPPORTED_POOLS = ("token", "avg")
+_PATCH_ATTRIBUTE = "_dsm_patch"
+
+
+def _timm_vit_classes() -> tuple[type, type, type]:
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+    return VisionTransformer, Block, Attention
+
+
+def _unpatchable_reason(model: nn.Module) -> str | None:
+    vit_class, block_class, attention_class = _timm_vit_classes()
+    if not isinstance(model, vit_class):
+        return (f"{type(model).__name__} is not a timm VisionTransformer (ViT, DeiT, DeiT-III, DINOv2 and "
+                f"register variants are supported)")
+    for index, block in enumerate(model.blocks):
+        if type(block) is not block_class:
+            return f"block {index} is a {type(block).__name__}; DSM patches timm's standard pre-norm Block only"
+        if type(block.attn) is not attention_class:
+            return f"block {index} uses {type(block.attn).__name__}; DSM patches timm's standard Attention only"
+    if getattr(model, "attn_pool", None) is not None:
+        return "attention-pool heads (global_pool='map') would weigh merged tokens wrongly; not supported"
+    if model.global_pool not in SUPPORTED_POOLS:
+        return f"global_pool={model.global_pool!r} is not supported (supported: {', '.join(SUPPORTED_POOLS)})"
+    if getattr(model.patch_embed, "dynamic_img_size", False) or getattr(model, "dynamic_img_size", False):
+        return "dynamic_img_size models change their grid per input; DSM needs the fixed grid the config was tuned for"
+    if getattr(model, "grad_checkpointing", False):
+        return "gradient checkpointing bypasses the block stack's forward; disable it (inference only)"
+    return None
+
+
+def check_fits(model: nn.Module, config: DSMConfig) -> None:
+    """Raise ModelMismatchError, naming the reason, unless `config` can be applied to `model`."""
+    reason = _unpatchable_reason(model)
+    if reason is not None:
+        raise ModelMismatchError(f"cannot apply DSM: {reason}")
+    actual = ModelFingerprint.from_model(model)
+    if config.model is not None:
+        differences = config.model.differences(actual)
+        if differences:
+            raise ModelMismatchError(
+                f"the config was tuned for {config.model.name}, which differs from this model: "
+                + "; ".join(differences))
+    else:
+        config.replace(model=actual)  # validates stage coverage and depth against this model
+
+
+def _attention_with_keys(attention: nn.Module, x: torch.Tensor, log_sizes: torch.Tensor | None,
+                         want_keys: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """timm's Attention.forward, plus the head-averaged keys and an additive log-size bias.
+
+    The bias goes to scaled_dot_product_attention as a float mask so the fused kernels stay in use.
+    """
+    batch, count, channels = x.shape
+    gate = attention.gate(x).sigmoid() if getattr(attention, "gate", None) is not None else None
+    qkv = attention.qkv(x).reshape(batch, count, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attention.q_norm(q), attention.k_norm(k)
+    mask = log_sizes[:, None, None, :] if log_sizes is not None else None
+    if attention.fused_attn:
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=attention.attn_drop.p if attention.training else 0.0)
+    else:
+        scores = (q * attention.scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        x = attention.attn_drop(scores.softmax(dim=-1)) @ v
+    x = x.transpose(1, 2).reshape(batch, count, getattr(attention, "attn_dim", channels))
+    x = attention.norm(x)
+    if gate is not None:
+        x = x * gate
+    x = attention.proj_drop(attention.proj(x))
+    return x, (k.mean(dim=1) if want_keys else None)
+
+
+class DSMBlockStack(nn.Sequential):
+    """The model's blocks, run under a DSM schedule. Holds the same block modules as the original stack."""
+
+    def __init__(self, blocks: nn.Sequential, plans: list[BlockPlan], config: DSMConfig,
+                 fingerprint: ModelFingerprint) -> None:
+        super().__init__(*blocks)
+        self.plans = plans
+        self.config = config
+        self.num_prefix = fingerprint.num_prefix_tokens
+        self.num_patches = fingerprint.grid[0] * fingerprint.grid[1]
+        # ToMe splits the whole sequence alternately with the class token in set A; starting A at the patch
+        # position that keeps that parity makes global DSM reproduce ToMe's pairs exactly.
+        self.a_starts_at = self.num_prefix % 2
+        if config.hierarchy_depth > 0:
+            device = next(iter(blocks.parameters())).device
+            permutation = window_order(fingerprint.grid, config.hierarchy_depth).to(device)
+            self.register_buffer("window_permutation", permutation, persistent=False)
+        else:
+            self.window_permutation = None
+        self.last_sizes: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.num_prefix + self.num_patches:
+            raise RuntimeError(
+                f"DSM was configured for {self.num_patches} patch tokens but the blocks received "
+                f"{x.shape[1] - self.num_prefix}; feed images of the size the config was tuned for")
+        sizes: torch.Tensor | None = None
+        windows_arranged = False
+        for block, plan in zip(self, self.plans):
+            size_aware = sizes is not None and self.config.proportional_attention
+            if plan.merge_per_window == 0 and not size_aware:
+                x = block(x)
+                continue
+            if not windows_arranged and self.window_permutation is not None:
+                prefix, patches = x[:, :self.num_prefix], x[:, self.num_prefix:]
+                x = torch.cat([prefix, patches[:, self.window_permutation]], dim=1)
+                if sizes is not None:
+                    sizes = sizes[:, self.window_permutation]
+                windows_arranged = True
+            log_sizes = None
+            if size_aware:
+                prefix_zeros = sizes.new_zeros(sizes.shape[0], self.num_prefix)
+                log_sizes = torch.cat([prefix_zeros, sizes[..., 0].log()], dim=1)
+            attended, keys = _attention_with_keys(block.attn, block.norm1(x), log_sizes,
+                                                  want_keys=plan.merge_per_window > 0)
+            x = x + block.drop_path1(block.ls1(attended))
+            if plan.merge_per_window > 0:
+                if sizes is None:
+                    sizes = x.new_ones(x.shape[0], x.shape[1] - self.num_prefix, 1)
+                prefix = x[:, :self.num_prefix]
+                patches, sizes = bipartite_merge(
+                    x[:, self.num_prefix:], sizes, keys[:, self.num_prefix:], plan.windows,
+                    plan.merge_per_window, self.a_starts_at)
+                x = torch.cat([prefix, patches], dim=1)
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        self.last_sizes = sizes
+        return x
+
+
+def _size_weighted_pool(model: nn.Module, stack: DSMBlockStack):
+    """Average pooling in which a merged token counts for all the patches it stands for."""
+    original_pool = model.pool
+
+    def pool(x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        pool_type = model.global_pool if pool_type is None else pool_type
+        sizes = stack.last_sizes
+        if pool_type != "avg" or sizes is None:
+            return original_pool(x, pool_type=pool_type)
+        prefix = stack.num_prefix
+        weights = sizes[..., 0]
+        tokens = x[:, prefix:]
+        if getattr(model, "pool_include_prefix", False):
+            weights = torch.cat([weights.new_ones(weights.shape[0], prefix), weights], dim=1)
+            tokens = x
+        weights = weights.to(x.dtype)
+        return (tokens * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+
+    return pool
+
+
+def is_patched(model: nn.Module) -> bool:
+    return hasattr(model, _PATCH_ATTRIBUTE)
+
+
+def apply_dsm(model: nn.Module, config: DSMConfig) -> nn.Module:
+    """Patch `model` in place to run `config`; a model already patched is re-patched with the new config."""
+    if is_patched(model):
+        remove_dsm(model)
+    check_fits(model, config)
+    fingerprint = ModelFingerprint.from_model(model)
+    bound = config if config.model is not None else config.replace(model=fingerprint)
+    plans = block_plan(bound, fingerprint)
+    original_blocks = model.blocks
+    stack = DSMBlockStack(original_blocks, plans, bound, fingerprint)
+    model.blocks = stack
+    previous_pool = model.__dict__.get("pool")
+    model.pool = _size_weighted_pool(model, stack)
+    object.__setattr__(model, _PATCH_ATTRIBUTE, {
+        "original_blocks": original_blocks, "config": bound, "previous_pool": previous_pool})
+    return model
+
+
+def remove_dsm(model: nn.Module) -> nn.Module:
+    """Undo `apply_dsm`: the model gets back its original block stack and pooling."""
+    patch: dict[str, Any] | None = getattr(model, _PATCH_ATTRIBUTE, None)
+    if patch is None:
+        return model
+    model.blocks = patch["original_blocks"]
+    if patch["previous_pool"] is None:
+        del model.pool
+    else:
+        model.pool = patch["previous_pool"]
+    object.__delattr__(model, _PATCH_ATTRIBUTE)
+    return model
+
+
+def applied_config(model: nn.Module) -> DSMConfig | None:
+    patch = getattr(model, _PATCH_ATTRIBUTE, None)
+    return patch["config"] if patch else None
+
+
+__all__ = ["apply_dsm", "remove_dsm", "is_patched", "check_fits", "applied_config", "DSMBlockStack"]
