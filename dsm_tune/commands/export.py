@@ -1,0 +1,63 @@
+"""`dsm-tune export`: choose the winning trial of a study by a rule and write its frozen JSON config."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dsm_tune.commands.common import add_study_args
+from dsm_tune.errors import DSMTuneError
+
+
+class ExportError(DSMTuneError):
+    """The output file cannot be written as asked."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export", help="write the chosen trial of a study as a frozen DSM config (JSON)",
+        description="Pick a trial of a study (default: the fastest within the study's accuracy-drop limit) and "
+                    "write the frozen config deployment applies with dsm_tune.merging.apply_dsm.")
+    add_study_args(parser)
+    parser.add_argument("--max-accuracy-drop", type=float, default=None, metavar="X",
+                        help="the fastest trial with an accuracy drop <= X points")
+    parser.add_argument("--min-speedup", type=float, default=None, metavar="Y",
+                        help="the most accurate trial at least Y times faster than dense")
+    parser.add_argument("--trial", type=int, default=None, metavar="N", help="export trial N as it is")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the JSON file to write")
+    parser.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from dsm_tune.merging import load_config
+    from dsm_tune.search.results import load_study, trials_frame
+    from dsm_tune.search.select import Rule, freeze_trial, pick_winner
+
+    output: Path = args.output
+    if output.exists() and not args.force:
+        raise ExportError(f"{output} already exists; pass --force to overwrite it")
+    if output.exists() and not output.is_file():
+        raise ExportError(f"{output} is not a file")
+    rule = Rule(max_accuracy_drop=args.max_accuracy_drop, min_speedup=args.min_speedup, trial=args.trial)
+    study = load_study(Path(args.out) / args.study)
+    spec = study.user_attrs.get("spec") or {}
+    study_max_drop = spec.get("max_accuracy_drop")
+    number = pick_winner(trials_frame(study), rule, study_max_drop)
+    frozen = freeze_trial(study, number)
+    text = frozen.to_json()
+    load_config(text)  # what deployment will load must load: refuse before writing anything else
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with output.open("w" if args.force else "x") as handle:
+            handle.write(text)
+    except FileExistsError:
+        raise ExportError(f"{output} already exists; pass --force to overwrite it") from None
+    except OSError as exc:
+        raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
+    metrics = frozen.metrics or {}
+    print(f"exported trial {number} of study {args.study} ({rule.describe(study_max_drop)}): "
+          f"accuracy drop {metrics.get('accuracy_drop', float('nan')):.3f}, "
+          f"latency {metrics.get('latency_ms', float('nan')):.3f} ms, "
+          f"speedup {metrics.get('speedup', float('nan')):.2f}x -> {output}")
+    return 0

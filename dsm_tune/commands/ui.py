@@ -1,0 +1,79 @@
+"""`dsm-tune ui`: the MLflow UI over the project's tracking store, bound to loopback unless told otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+from dsm_tune.commands.common import DEFAULT_OUT, add_mlflow_args
+from dsm_tune.errors import DSMTuneError
+
+
+class UIError(DSMTuneError):
+    """The UI cannot be started over the given store."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ui", help="serve the MLflow UI over the studies' tracking store",
+        description="Run `mlflow ui` over the tracking store (default sqlite:///<out>/mlflow.db). "
+                    "Filter Pareto-optimal trials with: tags.pareto = 'true'.")
+    parser.add_argument("--port", type=int, default=5000, help="port to listen on (default: 5000)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output root holding mlflow.db (default: runs/)")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
+    add_mlflow_args(parser)
+    parser.set_defaults(func=main)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ui_command(uri: str, host: str, port: int, workers: int = 1) -> list[str]:
+    """The `mlflow ui` argument list for a store (run without a shell: nothing here is interpreted)."""
+    from dsm_tune.search.tracking import local_artifact_root
+
+    if not 0 < port < 65536:
+        raise UIError(f"--port must be between 1 and 65535, got {port}")
+    if workers < 1:
+        raise UIError(f"--workers must be >= 1, got {workers}")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
+               "--port", str(port), "--workers", str(workers)]
+    artifacts = local_artifact_root(uri)
+    if artifacts is not None:
+        # Experiments created from the UI keep their artifacts next to the database, like the tracker's.
+        command += ["--artifacts-destination", artifacts.resolve().as_uri()]
+    return command
+
+
+def main(args: argparse.Namespace) -> int:
+    from dsm_tune.search.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.mlflow_uri, args.out)
+    if uri.startswith(("http://", "https://")):
+        print(f"{uri} is a tracking server: it serves its own UI, open it in a browser")
+        return 0
+    if uri.startswith("sqlite:///"):
+        database = Path(uri[len("sqlite:///"):])
+        if not database.is_file():
+            raise UIError(f"no MLflow store at {database}: run `dsm-tune run` first, or give --out / --mlflow-uri")
+    command = ui_command(uri, args.host, args.port, args.workers)
+    if not _is_loopback(args.host):
+        print(f"dsm-tune: warning: binding the MLflow UI to {args.host} exposes every study on this network",
+              file=sys.stderr)
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it); "
+          "Pareto-optimal trials: filter tags.pareto = 'true'")
+    try:
+        return subprocess.run(command, check=False).returncode
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,226 @@
+"""Pareto plots of a study: accuracy drop vs. measured latency, as interactive HTML and a static PNG.
+
+Both files show the same picture: every measured trial faint, the Pareto front stepped and highlighted, the
+dense and ToMe/paper seeds marked, the region over the study's accuracy-drop limit shaded, and the trial that
+`export` picks by default starred. They are built from the trials frame alone, so `report` can redraw them from
+the study storage without the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dsm_tune.search.select import NoWinnerError, Rule, SelectionError, frame_column, measured_trials, \
+    numeric_column, pick_winner
+
+HTML_NAME = "pareto.html"
+PNG_NAME = "pareto.png"
+
+# seed_kind -> (legend label, matplotlib marker, plotly symbol, colour)
+SEED_STYLES = {
+    "dense": ("dense (no merging)", "s", "square", "#222222"),
+    "tome": ("ToMe seed", "D", "diamond", "#e07b00"),
+    "paper": ("DSM paper seed", "^", "triangle-up", "#2a9d3a"),
+}
+FRONT_COLOUR = "#1f5fbf"
+WINNER_COLOUR = "#d62728"
+INFEASIBLE_COLOUR = "#d62728"
+
+
+def describe_config(config: Any) -> str:
+    """Short text of a trial's merge config, e.g. 'd=3 D=1 4x0.10 5x0.25 +prop'."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError:
+            return config
+    if not isinstance(config, dict):
+        return ""
+    merge = config.get("merge", config)
+    stages = " ".join(
+        f"{s.get('blocks')}x{s['ratio']:.2f}" if s.get("ratio") is not None else f"{s.get('blocks')}xr{s.get('r')}"
+        for s in merge.get("stages", []))
+    prop = " +prop" if merge.get("proportional_attention") else ""
+    return f"d={merge.get('start_layer')} D={merge.get('hierarchy_depth')} {stages}{prop}".strip()
+
+
+def plot_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Measured trials with what the plots (and `report`) show about each one."""
+    table = measured_trials(df).copy()
+    seed = frame_column(df, "seed_kind")
+    table["seed_kind"] = (seed.loc[table.index].map(lambda v: v if isinstance(v, str) else "")
+                          if seed is not None else "")
+    config = frame_column(df, "config")
+    table["config"] = config.loc[table.index].map(describe_config) if config is not None else ""
+    for key in ("flops_ratio", "tokens_kept", "latency_iqr_ms", "baseline_latency_ms"):
+        table[key] = numeric_column(df, key).loc[table.index]
+    return table
+
+
+def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
+    """Non-dominated rows of `table` (minimise drop and latency), sorted by latency."""
+    from dsm_tune.search.results import pareto_numbers
+
+    front = set(pareto_numbers(table[["number", "state", "accuracy_drop", "latency_ms"]]))
+    return table[table["number"].isin(front)].sort_values(["latency_ms", "accuracy_drop"])
+
+
+def default_winner(df: pd.DataFrame, max_drop: float | None) -> int | None:
+    try:
+        return pick_winner(df, Rule(), max_drop)
+    except (NoWinnerError, SelectionError):
+        return None
+
+
+def _baseline_latency(table: pd.DataFrame) -> float | None:
+    values = table["baseline_latency_ms"].dropna()
+    return float(values.median()) if len(values) else None
+
+
+def write_pareto_plots(df: pd.DataFrame, out_dir: Path, max_drop: float | None) -> list[Path]:
+    """Write pareto.html (self-contained) and pareto.png into `out_dir`; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = plot_table(df)
+    front = pareto_front(table) if not table.empty else table
+    winner = default_winner(df, max_drop)
+    title = _title(df, table, max_drop)
+    html_path, png_path = out_dir / HTML_NAME, out_dir / PNG_NAME
+    _write_html(table, front, winner, max_drop, title, html_path)
+    _write_png(table, front, winner, max_drop, title, png_path)
+    return [html_path, png_path]
+
+
+def _title(df: pd.DataFrame, table: pd.DataFrame, max_drop: float | None) -> str:
+    metric = frame_column(df, "metric")
+    metric_name = next((m for m in metric.dropna() if isinstance(m, str)), "accuracy") if metric is not None \
+        else "accuracy"
+    limit = f", limit {max_drop:g}" if max_drop is not None else ""
+    return f"Accuracy drop ({metric_name}) vs. latency: {len(table)} measured of {len(df)} trials{limit}"
+
+
+def _y_range(table: pd.DataFrame, max_drop: float | None) -> tuple[float, float]:
+    drops = table["accuracy_drop"]
+    low = min(0.0, float(drops.min())) if len(drops) else 0.0
+    high = float(drops.max()) if len(drops) else 1.0
+    if max_drop is not None:
+        high = max(high, max_drop * 1.5)
+    span = (high - low) or 1.0
+    return low - 0.05 * span, high + 0.08 * span
+
+
+def _hover(row: pd.Series) -> str:
+    seed = f" ({row['seed_kind']} seed)" if row["seed_kind"] else ""
+    return (f"trial {int(row['number'])}{seed}<br>drop {row['accuracy_drop']:.3f}<br>"
+            f"latency {row['latency_ms']:.3f} ms (IQR {row['latency_iqr_ms']:.3f})<br>"
+            f"speedup {row['speedup']:.3f}x<br>FLOPs ratio {row['flops_ratio']:.3f}<br>"
+            f"tokens kept {row['tokens_kept']:.3f}<br>{row['config']}")
+
+
+def _write_html(table, front, winner, max_drop, title, path: Path) -> None:
+    import plotly.graph_objects as go
+
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(
+        x=table["latency_ms"], y=table["accuracy_drop"], mode="markers", name="all trials",
+        marker=dict(color="rgba(110,110,110,0.35)", size=7), hovertext=table.apply(_hover, axis=1).tolist()
+        if len(table) else [], hoverinfo="text"))
+    if len(front):
+        figure.add_trace(go.Scatter(
+            x=front["latency_ms"], y=front["accuracy_drop"], mode="lines+markers", name="Pareto front",
+            line=dict(color=FRONT_COLOUR, shape="hv", width=2), marker=dict(color=FRONT_COLOUR, size=9),
+            hovertext=front.apply(_hover, axis=1).tolist(), hoverinfo="text"))
+    for kind, (label, _, symbol, colour) in SEED_STYLES.items():
+        seeds = table[table["seed_kind"] == kind]
+        if len(seeds):
+            figure.add_trace(go.Scatter(
+                x=seeds["latency_ms"], y=seeds["accuracy_drop"], mode="markers", name=label,
+                marker=dict(symbol=symbol, size=12, color=colour, line=dict(color="white", width=1)),
+                hovertext=seeds.apply(_hover, axis=1).tolist(), hoverinfo="text"))
+    if winner is not None:
+        best = table[table["number"] == winner]
+        figure.add_trace(go.Scatter(
+            x=best["latency_ms"], y=best["accuracy_drop"], mode="markers", name=f"export default (trial {winner})",
+            marker=dict(symbol="star", size=18, color=WINNER_COLOUR, line=dict(color="black", width=1)),
+            hovertext=best.apply(_hover, axis=1).tolist(), hoverinfo="text"))
+    low, high = _y_range(table, max_drop)
+    if max_drop is not None:
+        figure.add_hrect(y0=max_drop, y1=high, fillcolor=INFEASIBLE_COLOUR, opacity=0.08, line_width=0,
+                         annotation_text=f"infeasible: drop > {max_drop:g}", annotation_position="top left")
+        figure.add_hline(y=max_drop, line=dict(color=INFEASIBLE_COLOUR, dash="dash", width=1))
+    baseline = _baseline_latency(table)
+    if baseline is not None:
+        figure.add_vline(x=baseline, line=dict(color="#222222", dash="dot", width=1),
+                         annotation_text=f"dense {baseline:.3g} ms", annotation_position="bottom right")
+    if table.empty:
+        figure.add_annotation(text="no measured trials yet", showarrow=False, x=0.5, y=0.5, xref="paper",
+                              yref="paper", font=dict(size=18))
+    figure.update_layout(title=title, xaxis_title="latency per batch (ms, median)",
+                         yaxis_title="accuracy drop (points)", yaxis_range=[low, high], template="plotly_white",
+                         legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+    # The plotting library goes inside the file: the machines this is viewed on may have no internet.
+    figure.write_html(str(path), include_plotlyjs=True, full_html=True)
+
+
+def _write_png(table, front, winner, max_drop, title, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 6), dpi=120)
+    try:
+        axes.scatter(table["latency_ms"], table["accuracy_drop"], s=18, color="#6e6e6e", alpha=0.35,
+                     label="all trials", zorder=2)
+        if len(front):
+            axes.step(front["latency_ms"], front["accuracy_drop"], where="post", color=FRONT_COLOUR, lw=1.8,
+                      zorder=3)
+            axes.scatter(front["latency_ms"], front["accuracy_drop"], s=36, color=FRONT_COLOUR,
+                         label=f"Pareto front ({len(front)})", zorder=4)
+            for _, row in front.iterrows():
+                axes.annotate(f"#{int(row['number'])} {row['speedup']:.2f}x",
+                              (row["latency_ms"], row["accuracy_drop"]), textcoords="offset points",
+                              xytext=(5, 4), fontsize=7, color=FRONT_COLOUR)
+        for kind, (label, marker, _, colour) in SEED_STYLES.items():
+            seeds = table[table["seed_kind"] == kind]
+            if len(seeds):
+                axes.scatter(seeds["latency_ms"], seeds["accuracy_drop"], s=70, marker=marker, color=colour,
+                             edgecolors="white", linewidths=0.8, label=label, zorder=5)
+        if winner is not None:
+            best = table[table["number"] == winner]
+            axes.scatter(best["latency_ms"], best["accuracy_drop"], s=260, marker="*", color=WINNER_COLOUR,
+                         edgecolors="black", linewidths=0.8, label=f"export default (trial {winner})", zorder=6)
+        low, high = _y_range(table, max_drop)
+        axes.set_ylim(low, high)
+        if max_drop is not None:
+            axes.axhspan(max_drop, high, color=INFEASIBLE_COLOUR, alpha=0.08, lw=0,
+                         label=f"infeasible (drop > {max_drop:g})")
+            axes.axhline(max_drop, color=INFEASIBLE_COLOUR, ls="--", lw=0.8)
+        baseline = _baseline_latency(table)
+        if baseline is not None:
+            axes.axvline(baseline, color="#222222", ls=":", lw=0.9)
+            axes.annotate(f"dense {baseline:.3g} ms", (baseline, low), textcoords="offset points", xytext=(-4, 4),
+                          ha="right", fontsize=8)
+            if baseline > 0 and (table["latency_ms"] > 0).all():
+                def invert(values):  # latency <-> speedup; the axis may probe 0 while laying out ticks
+                    return baseline / np.maximum(np.abs(values), 1e-9)
+
+                top = axes.secondary_xaxis("top", functions=(invert, invert))
+                top.set_xlabel("speedup over dense (x)")
+        if table.empty:
+            axes.text(0.5, 0.5, "no measured trials yet", transform=axes.transAxes, ha="center", fontsize=14)
+        axes.set_xlabel("latency per batch (ms, median)")
+        axes.set_ylabel("accuracy drop (points)")
+        axes.set_title(title, fontsize=10)
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=8, loc="upper right")
+        figure.tight_layout()
+        figure.savefig(path)
+    finally:
+        plt.close(figure)

@@ -1,0 +1,267 @@
+"""Winner selection on a study's trials, and freezing the chosen trial into the hand-off document.
+
+`pick_winner` works on the trials frame alone (`results.trials_frame`), so `export` and the driver's `best.json`
+choose by exactly the same rule; `freeze_trial` reads the study storage (user attrs of "Study storage" in
+docs/interfaces.md) and returns the full frozen config of DESIGN.md section 3.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import pandas as pd
+
+from dsm_tune.errors import DSMTuneError
+
+# Trial metrics copied into the frozen document, in the order a reader wants them.
+FROZEN_METRIC_KEYS = ("metric", "metric_value", "accuracy_drop", "latency_ms", "latency_iqr_ms",
+                      "baseline_latency_ms", "speedup", "flops_ratio", "tokens_kept", "num_images")
+
+# Where a key may live in a trials frame: plain flattened user attrs first, then Optuna's own
+# `trials_dataframe()` spelling, then the objective values (drop = values_0, latency = values_1).
+_COLUMN_FALLBACKS = {"accuracy_drop": ("values_0",), "latency_ms": ("values_1",)}
+
+
+class SelectionError(DSMTuneError):
+    """A selection rule or trial reference is malformed."""
+
+
+class NoWinnerError(SelectionError):
+    """No trial satisfies the rule; the message names the closest one and its figures."""
+
+    def __init__(self, message: str, closest: int | None = None):
+        super().__init__(message)
+        self.closest = closest
+
+
+# --- reading the trials frame ------------------------------------------------------------------------------
+def frame_column(df: pd.DataFrame, key: str) -> pd.Series | None:
+    """The column holding trial attr `key`, whichever flattening the frame uses; None if absent."""
+    for name in (key, f"user_attrs_{key}", *_COLUMN_FALLBACKS.get(key, ())):
+        if name in df.columns:
+            return df[name]
+    return None
+
+
+def numeric_column(df: pd.DataFrame, key: str) -> pd.Series:
+    column = frame_column(df, key)
+    if column is None:
+        return pd.Series(math.nan, index=df.index, dtype=float)
+    return pd.to_numeric(column, errors="coerce").astype(float)
+
+
+def _bool_column(df: pd.DataFrame, key: str) -> pd.Series:
+    column = frame_column(df, key)
+    if column is None:
+        return pd.Series(False, index=df.index)
+    # A csv round trip turns booleans into the strings "True"/"False".
+    return column.map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
+
+
+def measured_trials(df: pd.DataFrame) -> pd.DataFrame:
+    """COMPLETE, not early-aborted trials with a finite drop and latency: the ones a winner can come from.
+
+    Returns a frame indexed like `df` with the columns number, state, accuracy_drop, latency_ms, speedup.
+    """
+    if "number" not in df.columns:
+        raise SelectionError("the trials frame has no 'number' column: not a dsm-tune trials frame")
+    drop = numeric_column(df, "accuracy_drop")
+    latency = numeric_column(df, "latency_ms")
+    speedup = numeric_column(df, "speedup")
+    baseline = numeric_column(df, "baseline_latency_ms")
+    speedup = speedup.where(speedup.notna(), baseline / latency)
+    state = df["state"].astype(str) if "state" in df.columns else pd.Series("COMPLETE", index=df.index)
+    table = pd.DataFrame({"number": df["number"].astype(int), "state": state, "accuracy_drop": drop,
+                          "latency_ms": latency, "speedup": speedup, "aborted": _bool_column(df, "aborted")})
+    usable = (table["state"].str.upper().str.endswith("COMPLETE") & ~table["aborted"]
+              & table["accuracy_drop"].map(math.isfinite) & table["latency_ms"].map(math.isfinite))
+    return table[usable]
+
+
+def _figures(row: Mapping[str, Any]) -> str:
+    return (f"drop {row['accuracy_drop']:.3g}, {row['latency_ms']:.4g} ms, "
+            f"speedup {row['speedup']:.3g}x")
+
+
+# --- the rule ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """How to choose the exported trial.
+
+    - default: the fastest trial whose accuracy drop is within the study's `max_accuracy_drop`;
+    - `max_accuracy_drop=X`: the fastest trial with drop <= X;
+    - `min_speedup=Y`: the most accurate trial at least Y times faster than dense (within X when also given);
+    - `trial=N`: that trial, whatever its figures.
+    """
+
+    max_accuracy_drop: float | None = None
+    min_speedup: float | None = None
+    trial: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.trial is not None and (self.max_accuracy_drop is not None or self.min_speedup is not None):
+            raise SelectionError("choose a trial either by number (--trial) or by a rule, not both")
+        if self.trial is not None and (isinstance(self.trial, bool) or not isinstance(self.trial, int)
+                                       or self.trial < 0):
+            raise SelectionError(f"--trial must be a trial number >= 0, got {self.trial!r}")
+        if self.max_accuracy_drop is not None and not (self.max_accuracy_drop >= 0):
+            raise SelectionError(f"--max-accuracy-drop must be >= 0, got {self.max_accuracy_drop}")
+        if self.min_speedup is not None and not (self.min_speedup > 0):
+            raise SelectionError(f"--min-speedup must be > 0, got {self.min_speedup}")
+
+    def describe(self, study_max_drop: float | None) -> str:
+        if self.trial is not None:
+            return f"trial {self.trial}"
+        limit = self.max_accuracy_drop if self.max_accuracy_drop is not None else (
+            None if self.min_speedup is not None else study_max_drop)
+        within = f"accuracy drop <= {limit:g}" if limit is not None else ""
+        if self.min_speedup is not None:
+            return f"most accurate with speedup >= {self.min_speedup:g}x" + (f" and {within}" if within else "")
+        return f"fastest with {within}"
+
+
+def pick_winner(df: pd.DataFrame, rule: Rule, study_max_drop: float | None) -> int:
+    """The trial number `rule` chooses in `df` (a trials frame); NoWinnerError names the closest trial."""
+    if rule.trial is not None:
+        return _check_named_trial(df, rule.trial)
+    measured = measured_trials(df)
+    if measured.empty:
+        raise NoWinnerError(f"no trial to choose from: {_state_summary(df)}")
+
+    limit = rule.max_accuracy_drop
+    if limit is None and rule.min_speedup is None:
+        limit = study_max_drop
+        if limit is None:
+            raise SelectionError("the study has no max_accuracy_drop: give --max-accuracy-drop, --min-speedup "
+                                 "or --trial")
+
+    within_drop = measured if limit is None else measured[measured["accuracy_drop"] <= limit]
+    if rule.min_speedup is None:
+        if within_drop.empty:
+            closest = measured.sort_values(["accuracy_drop", "latency_ms", "number"]).iloc[0]
+            raise NoWinnerError(
+                f"no trial has an accuracy drop <= {limit:g} ({len(measured)} measured); closest: "
+                f"trial {int(closest['number'])} ({_figures(closest)})", int(closest["number"]))
+        best = within_drop.sort_values(["latency_ms", "accuracy_drop", "number"]).iloc[0]
+        return int(best["number"])
+
+    fast_enough = within_drop[within_drop["speedup"] >= rule.min_speedup]
+    if fast_enough.empty:
+        pool = within_drop if not within_drop.empty else measured
+        closest = pool.sort_values(["speedup", "number"], ascending=[False, True]).iloc[0]
+        condition = f"a speedup >= {rule.min_speedup:g}x" + (
+            f" with accuracy drop <= {limit:g}" if limit is not None else "")
+        raise NoWinnerError(f"no trial reaches {condition} ({len(measured)} measured); closest: "
+                            f"trial {int(closest['number'])} ({_figures(closest)})", int(closest["number"]))
+    best = fast_enough.sort_values(["accuracy_drop", "latency_ms", "number"]).iloc[0]
+    return int(best["number"])
+
+
+def _state_summary(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "the study has no trials"
+    states = df["state"].astype(str).str.upper().str.replace("TRIALSTATE.", "", regex=False) \
+        if "state" in df.columns else pd.Series(["COMPLETE"] * len(df))
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in states.value_counts().sort_index().items())
+    aborted = int(_bool_column(df, "aborted").sum())
+    return f"{len(df)} trial(s): {counts}" + (f", {aborted} aborted early" if aborted else "")
+
+
+def _check_named_trial(df: pd.DataFrame, number: int) -> int:
+    rows = df[df["number"].astype(int) == number] if "number" in df.columns else df.iloc[0:0]
+    if rows.empty:
+        known = sorted(df["number"].astype(int)) if "number" in df.columns else []
+        span = f"trials {known[0]}..{known[-1]}" if known else "no trials"
+        raise NoWinnerError(f"trial {number} does not exist in the study ({span})")
+    if number not in set(measured_trials(df)["number"]):
+        row = rows.iloc[0]
+        state = str(row.get("state", "?"))
+        reason = frame_column(rows, "fail_reason")
+        why = f": {reason.iloc[0]}" if reason is not None and isinstance(reason.iloc[0], str) else ""
+        aborted = bool(_bool_column(rows, "aborted").iloc[0])
+        what = "was aborted early (its drop was hopeless)" if aborted else f"has no measured result ({state}{why})"
+        raise NoWinnerError(f"trial {number} {what}; pick a completed trial", None)
+    return number
+
+
+# --- freezing --------------------------------------------------------------------------------------------------
+def _target_document(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The target profile the study was tuned on, resolved to the settings it measured with."""
+    target = spec.get("target")
+    if isinstance(target, Mapping):
+        resolved = dict(target)
+        name = resolved.get("name") or resolved.get("profile")
+    else:
+        from dsm_tune.evaluation.targets import load_target
+
+        profile = load_target(str(target), batch_size=spec.get("batch_size"), dtype=spec.get("dtype"),
+                              compile=spec.get("compile"), check_available=False)
+        resolved = {"device": profile.device, "dtype": profile.dtype, "batch_size": profile.batch_size,
+                    "compile": profile.compile}
+        name = profile.name
+    return {"profile": name, "device": resolved.get("device"), "dtype": resolved.get("dtype"),
+            "batch_size": resolved.get("batch_size"), "compile": bool(resolved.get("compile"))}
+
+
+def _study_trial(study: Any, number: int) -> Any:
+    for trial in study.get_trials(deepcopy=False):
+        if trial.number == number:
+            return trial
+    raise NoWinnerError(f"trial {number} does not exist in study {study.study_name!r}")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf become null (the frozen JSON forbids them), tuples become lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def freeze_trial(study: Any, number: int):
+    """The full frozen config for trial `number` of a dsm-tune study: merge, model, target, metrics, provenance."""
+    from dsm_tune.merging import DSMConfig, token_schedule
+
+    trial = _study_trial(study, number)
+    if trial.state.name != "COMPLETE":
+        raise NoWinnerError(f"trial {number} is {trial.state.name}, not COMPLETE; only measured trials can be exported")
+    attrs, study_attrs = trial.user_attrs, study.user_attrs
+    for key, holder, where in (("config", attrs, f"trial {number}"), ("fingerprint", study_attrs, "the study"),
+                               ("spec", study_attrs, "the study")):
+        if key not in holder:
+            raise SelectionError(f"{where} of {study.study_name!r} has no {key!r} attribute: not a dsm-tune study")
+    spec = study_attrs["spec"]
+    versions = study_attrs.get("versions") or {}
+
+    document = dict(attrs["config"])
+    for key in ("model", "target", "metrics", "provenance"):
+        document.pop(key, None)
+    document["model"] = study_attrs["fingerprint"]
+    config = DSMConfig.from_dict(document, require_model=True)
+
+    metrics = {key: attrs[key] for key in FROZEN_METRIC_KEYS if key in attrs}
+    metrics["baseline"] = study_attrs.get("baseline")
+    metrics["max_accuracy_drop"] = spec.get("max_accuracy_drop")
+    metrics["tokens_per_block"] = list(token_schedule(config))
+    completed = trial.datetime_complete
+    provenance = {
+        "study": study.study_name,
+        "trial": number,
+        "seed_kind": attrs.get("seed_kind"),
+        "dsm_tune": versions.get("dsm_tune"),
+        "timm": versions.get("timm"),
+        "torch": versions.get("torch"),
+        "data": spec.get("data"),
+        "data_fingerprint": study_attrs.get("data_fingerprint"),
+        "search_space": spec.get("space"),
+        "measured": completed.isoformat(timespec="seconds") if completed else None,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return config.replace(target=_plain(_target_document(spec)), metrics=_plain(metrics),
+                          provenance=_plain(provenance))
