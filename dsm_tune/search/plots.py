@@ -87,14 +87,23 @@ def write_pareto_plots(df: pd.DataFrame, out_dir: Path, max_drop: float | None) 
     """Write pareto.html (self-contained) and pareto.png into `out_dir`; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    layers = _layers(df, max_drop)
+    html_path, png_path = out_dir / HTML_NAME, out_dir / PNG_NAME
+    # The plotting library goes inside the file: the machines this is viewed on may have no internet.
+    _plotly_figure(*layers).write_html(str(html_path), include_plotlyjs=True, full_html=True)
+    _write_png(*layers, png_path)
+    return [html_path, png_path]
+
+
+def plotly_figure(df: pd.DataFrame, max_drop: float | None):
+    """The interactive figure of pareto.html (traces: all trials, Pareto front, seeds, export default)."""
+    return _plotly_figure(*_layers(df, max_drop))
+
+
+def _layers(df: pd.DataFrame, max_drop: float | None):
     table = plot_table(df)
     front = pareto_front(table) if not table.empty else table
-    winner = default_winner(df, max_drop)
-    title = _title(df, table, max_drop)
-    html_path, png_path = out_dir / HTML_NAME, out_dir / PNG_NAME
-    _write_html(table, front, winner, max_drop, title, html_path)
-    _write_png(table, front, winner, max_drop, title, png_path)
-    return [html_path, png_path]
+    return table, front, default_winner(df, max_drop), max_drop, _title(df, table, max_drop)
 
 
 def _title(df: pd.DataFrame, table: pd.DataFrame, max_drop: float | None) -> str:
@@ -123,7 +132,7 @@ def _hover(row: pd.Series) -> str:
             f"tokens kept {row['tokens_kept']:.3f}<br>{row['config']}")
 
 
-def _write_html(table, front, winner, max_drop, title, path: Path) -> None:
+def _plotly_figure(table, front, winner, max_drop, title):
     import plotly.graph_objects as go
 
     figure = go.Figure()
@@ -164,8 +173,7 @@ def _write_html(table, front, winner, max_drop, title, path: Path) -> None:
     figure.update_layout(title=title, xaxis_title="latency per batch (ms, median)",
                          yaxis_title="accuracy drop (points)", yaxis_range=[low, high], template="plotly_white",
                          legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
-    # The plotting library goes inside the file: the machines this is viewed on may have no internet.
-    figure.write_html(str(path), include_plotlyjs=True, full_html=True)
+    return figure
 
 
 def _write_png(table, front, winner, max_drop, title, path: Path) -> None:
@@ -191,7 +199,7 @@ def _write_png(table, front, winner, max_drop, title, path: Path) -> None:
             seeds = table[table["seed_kind"] == kind]
             if len(seeds):
                 axes.scatter(seeds["latency_ms"], seeds["accuracy_drop"], s=70, marker=marker, color=colour,
-                             edgecolors="white", linewidths=0.8, label=label, zorder=5)
+                             edgecolors="white", linewidths=0.8, label=label, zorder=7)
         if winner is not None:
             best = table[table["number"] == winner]
             axes.scatter(best["latency_ms"], best["accuracy_drop"], s=260, marker="*", color=WINNER_COLOUR,
