@@ -1,0 +1,225 @@
+"""MLflow tracking of a study: parent/children matching the trials frame, Pareto tags, artifacts, resume without
+duplicates, and a dead tracking server that queues trials and loses nothing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from dsm_tune.merging import DSMConfig
+from dsm_tune.search.plots import write_pareto_plots
+from dsm_tune.search.results import pareto_numbers, trials_frame, write_trials_csv
+from dsm_tune.search.select import Rule, freeze_trial, pick_winner
+from dsm_tune.search.tracking import (METRIC_KEYS, PARENT_ATTR, PENDING_NAME, MlflowTracker, NullTracker,
+                                      TrackingError, resolve_tracking_uri, trial_record)
+from .mlflow_helpers import copy_store, free_port, make_empty_store
+from .synthetic_study import create_study, populate, spec_dict
+
+EXPERIMENT = "dsm-tune/dsm_tune_demo_vit/cpu"
+
+
+@pytest.fixture(scope="module")
+def store_template(tmp_path_factory):
+    return make_empty_store(tmp_path_factory.mktemp("mlflow-template"))
+
+
+def _finish_like_the_driver(tracker, study, study_dir):
+    """What the driver does after the last trial: trials.csv, plots, best.json, artifacts, Pareto tags."""
+    df = write_trials_csv(study, study_dir / "trials.csv")
+    write_pareto_plots(df, study_dir, 1.0)
+    freeze_trial(study, pick_winner(df, Rule(), 1.0)).to_json(study_dir / "best.json")
+    (study_dir / "space.yaml").write_text("start_layer: [0, 3]\n")
+    tracker.refresh_artifacts(study_dir)
+    tracker.end_study(pareto_numbers(df))
+    return df
+
+
+def _runs(client, experiment_name=EXPERIMENT):
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("dsm_tune.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("dsm_tune.role") == "trial"]
+    return parents, children
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory, store_template):
+    """One study of 16 trials logged through the tracker protocol into a fresh sqlite store."""
+    out = tmp_path_factory.mktemp("tracked")
+    uri = copy_store(store_template, out)
+    study, study_dir = create_study(out, "demo-cpu")
+    populate(study)
+    tracker = MlflowTracker(out=out)
+    assert tracker.uri == uri  # the default store is <out>/mlflow.db
+    parent_id = tracker.start_study(spec_dict("demo-cpu"), study_dir, resumed=False)
+    for trial in study.trials:
+        tracker.log_trial(trial_record(trial))
+    df = _finish_like_the_driver(tracker, study, study_dir)
+    return {"out": out, "uri": uri, "study": study, "dir": study_dir, "df": df, "parent_id": parent_id}
+
+
+def test_one_parent_and_one_child_per_trial_with_the_frames_metrics(logged):
+    client = MlflowClient(tracking_uri=logged["uri"])
+    parents, children = _runs(client)
+    assert len(parents) == 1 and parents[0].info.run_id == logged["parent_id"]
+    assert len(children) == 16
+    assert all(c.data.tags["mlflow.parentRunId"] == logged["parent_id"] for c in children)
+
+    rows = logged["df"].set_index("number")
+    compared = 0
+    for child in children:
+        number = int(child.data.tags["trial_number"])
+        row = rows.loc[number]
+        assert child.data.tags["state"] == row["state"]
+        for key in METRIC_KEYS:
+            value = row.get(key)
+            if isinstance(value, float) and math.isfinite(value):
+                assert child.data.metrics[key] == value, (number, key)
+                compared += 1
+            else:
+                assert key not in child.data.metrics or math.isnan(float(value)), (number, key)
+        config = DSMConfig.from_dict(json.loads(row["config"]))
+        assert child.data.params == {k: str(v).lower() if isinstance(v, bool) else str(v)
+                                     for k, v in config.merge_params().items()}
+    assert compared >= 14 * 10  # every measured trial's figures really were compared
+
+
+def test_child_tags_and_statuses(logged):
+    client = MlflowClient(tracking_uri=logged["uri"])
+    _, children = _runs(client)
+    by_number = {int(c.data.tags["trial_number"]): c for c in children}
+    failed = next(t.number for t in logged["study"].trials if t.state.name == "FAIL")
+    aborted = next(t.number for t in logged["study"].trials if t.user_attrs.get("aborted"))
+    assert by_number[failed].info.status == "FAILED"
+    assert by_number[failed].data.tags["fail_reason"].startswith("RuntimeError: CUDA out of memory")
+    assert by_number[aborted].info.status == "KILLED" and by_number[aborted].data.tags["aborted"] == "true"
+    assert by_number[0].info.status == "FINISHED" and by_number[0].data.tags["seed_kind"] == "dense"
+    assert by_number[1].data.tags["seed_kind"] == "tome"
+    assert by_number[5].data.tags["worker"] == "worker-0/cpu" and by_number[5].data.tags["metric"] == "top1"
+    assert by_number[5].info.run_name == "trial-0005"
+
+
+def test_pareto_children_are_tagged_for_the_ui_filter(logged):
+    client = MlflowClient(tracking_uri=logged["uri"])
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    tagged = client.search_runs([experiment.experiment_id], filter_string="tags.pareto = 'true'")
+    assert sorted(int(r.data.tags["trial_number"]) for r in tagged) == sorted(pareto_numbers(logged["df"]))
+    others = client.search_runs([experiment.experiment_id], filter_string="tags.pareto = 'false'")
+    assert len(tagged) + len(others) == 16
+
+
+def test_parent_run_tags_artifacts_and_study_attr(logged):
+    client = MlflowClient(tracking_uri=logged["uri"])
+    parent = client.get_run(logged["parent_id"])
+    tags = parent.data.tags
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "demo-cpu"
+    assert tags["model"] == "dsm_tune_demo_vit" and tags["target"] == "cpu"
+    assert tags["versions.timm"] == "1.0.31" and tags["versions.torch"] == "2.14.1"
+    assert tags["sampler"] == "nsga2" and tags["search_space"] == "search_spaces/demo.yaml"
+    assert tags["data_fingerprint"] == "fmnist-demo-0123abcd"
+    assert tags["pareto_trials"] == ",".join(str(n) for n in sorted(pareto_numbers(logged["df"])))
+    best = json.loads((logged["dir"] / "best.json").read_text())
+    assert parent.data.metrics["best_speedup"] == best["metrics"]["speedup"]
+    assert tags["best_trial"] == str(best["provenance"]["trial"])
+    names = {a.path for a in client.list_artifacts(logged["parent_id"])}
+    assert {"pareto.html", "pareto.png", "trials.csv", "best.json", "space.yaml"} <= names
+    # Artifacts sit next to the database, not in ./mlruns of whatever folder the study ran from.
+    assert list((logged["out"] / "mlartifacts").rglob("pareto.png"))
+    assert logged["study"].user_attrs[PARENT_ATTR] == logged["parent_id"]
+    assert mlflow.active_run() is None  # explicit run ids only
+
+
+def test_resume_reuses_the_parent_and_never_duplicates(tmp_path, store_template):
+    uri = copy_store(store_template, tmp_path)
+    study, study_dir = create_study(tmp_path, "resumed")
+    populate(study)
+    first = MlflowTracker(out=tmp_path)
+    parent_id = first.start_study(spec_dict("resumed"), study_dir, resumed=False)
+    for trial in study.trials[:10]:
+        first.log_trial(trial_record(trial))
+    # The first driver dies here: no end_study. It had also created trial 10's run without finishing it.
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    client.create_run(experiment_id, tags={"mlflow.parentRunId": parent_id, "trial_number": "10",
+                                           "dsm_tune.role": "trial"})
+
+    second = MlflowTracker(out=tmp_path)
+    assert second.start_study(spec_dict("resumed"), study_dir, resumed=True) == parent_id
+    assert client.get_run(parent_id).info.status == "RUNNING"
+    for trial in study.trials:  # a resumed driver may log old trials again
+        second.log_trial(trial_record(trial))
+    second.log_trial(trial_record(study.trials[3]))
+    _finish_like_the_driver(second, study, study_dir)
+
+    parents, children = _runs(client)
+    numbers = sorted(int(c.data.tags["trial_number"]) for c in children)
+    assert len(parents) == 1 and numbers == list(range(16))
+    assert all(c.info.status in ("FINISHED", "FAILED", "KILLED") for c in children)
+    trial_10 = next(c for c in children if c.data.tags["trial_number"] == "10")
+    assert trial_10.data.metrics["latency_ms"] == study.trials[10].user_attrs["latency_ms"]
+    assert len(client.get_metric_history(trial_10.info.run_id, "latency_ms")) == 1
+
+
+def test_dead_server_queues_trials_and_a_resume_logs_them(tmp_path, store_template, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once instead of after backoff
+    study, study_dir = create_study(tmp_path, "offline")
+    populate(study)
+    dead = MlflowTracker(uri=f"http://127.0.0.1:{free_port()}", out=tmp_path, retry_interval_s=0)
+    with caplog.at_level(logging.WARNING, logger="dsm_tune.search.tracking"):
+        assert dead.start_study(spec_dict("offline"), study_dir, resumed=False) is None
+        for trial in study.trials[:5]:
+            dead.log_trial(trial_record(trial))  # must not raise
+        dead.refresh_artifacts(study_dir)
+        dead.end_study([0, 2])
+    warnings = [r for r in caplog.records if r.name == "dsm_tune.search.tracking"]
+    assert warnings and all(r.exc_info is None and "\n" not in r.getMessage() for r in warnings)
+    assert sum("failed while" in r.getMessage() for r in warnings) == 1  # one line per outage, not per trial
+    assert "stay queued" in warnings[-1].getMessage()
+    spooled = [json.loads(line) for line in (study_dir / PENDING_NAME).read_text().splitlines()]
+    assert [p["number"] for p in spooled] == [0, 1, 2, 3, 4]
+    assert spooled[2]["metrics"]["latency_ms"] == study.trials[2].user_attrs["latency_ms"]
+    assert PARENT_ATTR not in study.user_attrs
+
+    # The next run of the study (here against a reachable store) logs what was queued as soon as it starts.
+    uri = copy_store(store_template, tmp_path / "store")
+    live = MlflowTracker(uri=uri, out=tmp_path)
+    parent_id = live.start_study(spec_dict("offline"), study_dir, resumed=True)
+    assert parent_id is not None and not (study_dir / PENDING_NAME).exists()
+    client = MlflowClient(tracking_uri=uri)
+    _, children = _runs(client)
+    assert sorted(int(c.data.tags["trial_number"]) for c in children) == [0, 1, 2, 3, 4]
+    # end_study also logs what the storage holds and MLflow lacks (trials measured while nobody listened).
+    live.end_study(pareto_numbers(trials_frame(study)))
+    _, children = _runs(client)
+    assert sorted(int(c.data.tags["trial_number"]) for c in children) == list(range(16))
+    assert study.user_attrs[PARENT_ATTR] == parent_id
+
+
+def test_experiment_name_override_and_uri_resolution(tmp_path, store_template, monkeypatch):
+    uri = copy_store(store_template, tmp_path)
+    study, study_dir = create_study(tmp_path, "named")
+    tracker = MlflowTracker(out=tmp_path, experiment="team/vit-speedups")
+    tracker.start_study(spec_dict("named"), study_dir, resumed=False)
+    assert MlflowClient(tracking_uri=uri).get_experiment_by_name("team/vit-speedups") is not None
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri(None, tmp_path) == "http://127.0.0.1:5999"
+    assert resolve_tracking_uri("sqlite:////x/y.db", tmp_path) == "sqlite:////x/y.db"
+    with pytest.raises(TrackingError, match="is not a URI"):
+        MlflowTracker(uri="runs/mlflow.db", out=tmp_path)
+    with pytest.raises(TrackingError, match="start_study must be called"):
+        MlflowTracker(out=tmp_path).log_trial({"number": 0})
+
+
+def test_null_tracker_does_nothing(tmp_path):
+    tracker = NullTracker()
+    assert tracker.start_study(None, tmp_path, resumed=False) is None
+    tracker.log_trial({"number": 0})
+    tracker.refresh_artifacts(tmp_path)
+    tracker.end_study([0])
+    assert list(tmp_path.iterdir()) == []
