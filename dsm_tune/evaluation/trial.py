@@ -1,0 +1,144 @@
+"""What one study worker holds: a model, its data and dense baseline, and the means to score a DSM config.
+
+The dense model and the merged model are two module trees sharing the very same weight tensors: the merged tree is
+a structural copy patched with `apply_dsm` per trial and restored with `remove_dsm` after it. Both exist at once so
+latency can interleave dense and merged forwards (drift cancels), yet no weights are duplicated and nothing heavy
+is copied per trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from dsm_tune.errors import DSMTuneError
+from dsm_tune.evaluation.data import EvalData, cache_root, default_data_spec, load_data
+from dsm_tune.evaluation.latency import LatencyResult, measure_latency
+from dsm_tune.evaluation.metrics import AccuracyEvaluator, AccuracyResult
+from dsm_tune.evaluation.models import build_model, input_size, resolve_model_name
+from dsm_tune.evaluation.targets import Target, load_target
+
+
+class TrialError(DSMTuneError):
+    """A trial evaluator that cannot be set up as asked."""
+
+
+def shared_weights_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A second module tree whose parameters and buffers are the original's tensors (no weight memory)."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+@dataclasses.dataclass
+class TrialOutcome:
+    """Everything measured for one config; `flat()` is the contract's flat dict."""
+
+    config: object  # DSMConfig bound to the model
+    accuracy: AccuracyResult | None
+    latency: LatencyResult
+    report: dict
+    eval_seconds: float
+
+    def flat(self) -> dict:
+        acc = self.accuracy
+        return {
+            "metric": acc.metric if acc else None,
+            "metric_value": acc.value if acc else None,
+            "accuracy_drop": acc.drop if acc else None,
+            "aborted": acc.aborted if acc else False,
+            "latency_ms": self.latency.candidate_ms,
+            "latency_iqr_ms": self.latency.candidate_iqr_ms,
+            "baseline_latency_ms": self.latency.baseline_ms,
+            "baseline_latency_iqr_ms": self.latency.baseline_iqr_ms,
+            "speedup": self.latency.speedup,
+            "speedup_iqr": self.latency.speedup_iqr,
+            "compile_s": self.latency.compile_s,
+            "flops_ratio": float(self.report["flops_ratio"]),
+            "tokens_kept": float(self.report["tokens_kept"]),
+            "num_images": acc.num_images if acc else 0,
+            "eval_seconds": self.eval_seconds,
+        }
+
+
+class TrialEvaluator:
+    """Builds the model and loads the data once, caches the dense outputs and latency, then scores configs.
+
+    `target` is a Target or a profile name; `data_spec=None` uses the model's default data (the embedded slice
+    for the demo model) or, when it has none, measures latency only. `cache_dir=None` caches dense outputs under
+    the user cache folder.
+    """
+
+    def __init__(self, model_name: str, target: Target | str, data_spec: str | None = None,
+                 metric: str | None = None, limit: int | None = None, checkpoint: Path | str | None = None,
+                 cache_dir: Path | str | None = None, max_drop: float | None = None, *, pretrained: bool = False,
+                 img_size: int | None = None, seed: int = 0, warmup: int | None = None,
+                 repeats: int | None = None):
+        from dsm_tune.merging import ModelFingerprint
+
+        if max_drop is not None and (not isinstance(max_drop, (int, float)) or math.isnan(max_drop)):
+            raise TrialError(f"max_drop must be a number of points, got {max_drop!r}")
+        self.target = load_target(target) if isinstance(target, str) else target
+        self.model_name = resolve_model_name(model_name)
+        self.max_drop = max_drop
+        self._latency_kwargs = {"warmup": warmup, "repeats": repeats}
+        model = build_model(model_name, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size)
+        self.input_shape = input_size(model)
+        data_spec = data_spec if data_spec is not None else default_data_spec(model_name)
+        if data_spec is None and metric is not None:
+            raise TrialError(f"--metric {metric} needs --data (model {model_name} has no default data)")
+        self.data: EvalData | None = load_data(data_spec, model, limit=limit, seed=seed) if data_spec else None
+        self.model = model.to(self.target.device, self.target.torch_dtype).eval()
+        self.fingerprint = ModelFingerprint.from_model(self.model)
+        self.accuracy: AccuracyEvaluator | None = None
+        if self.data is not None:
+            self.accuracy = AccuracyEvaluator(
+                self.model, self.data, metric, device=self.target.device, dtype=self.target.dtype,
+                batch_size=self.target.batch_size,
+                cache_dir=Path(cache_dir) if cache_dir is not None else cache_root() / "dense-outputs")
+        self.merged_model = shared_weights_copy(self.model)
+        dense_latency = measure_latency(self.model, self.merged_model, self.target, self.input_shape,
+                                        **self._latency_kwargs)
+        self.baseline = {
+            "metric": self.accuracy.metric if self.accuracy else None,
+            "metric_value": self.accuracy.baseline_value if self.accuracy else None,
+            "latency_ms": dense_latency.baseline_ms,
+            "latency_iqr_ms": dense_latency.baseline_iqr_ms,
+            # The speedup of the dense model against itself: how far from 1.0 noise alone moves the ratio.
+            "noise_speedup": dense_latency.speedup,
+            "data_fingerprint": self.data.fingerprint if self.data else None,
+            "num_images": self.data.num_images if self.data else 0,
+        }
+
+    def bind(self, cfg):
+        """The config bound to this model's fingerprint (refused, naming why, if it does not fit)."""
+        from dsm_tune.merging import check_fits
+
+        check_fits(self.model, cfg)
+        return cfg if cfg.model is not None else cfg.replace(model=self.fingerprint)
+
+    def evaluate_detailed(self, cfg) -> TrialOutcome:
+        from dsm_tune.merging import apply_dsm, merge_report, remove_dsm
+
+        begin = time.perf_counter()
+        cfg = self.bind(cfg)
+        report = merge_report(self.model, cfg)
+        apply_dsm(self.merged_model, cfg)
+        try:
+            accuracy = self.accuracy.evaluate(self.merged_model, self.max_drop) if self.accuracy else None
+            # Latency is measured for aborted trials too: an infeasible point still tells the sampler what
+            # that much merging buys.
+            latency = measure_latency(self.model, self.merged_model, self.target, self.input_shape,
+                                      **self._latency_kwargs)
+        finally:
+            remove_dsm(self.merged_model)
+        return TrialOutcome(config=cfg, accuracy=accuracy, latency=latency, report=report,
+                            eval_seconds=time.perf_counter() - begin)
+
+    def evaluate(self, cfg) -> dict:
+        """Score one DSMConfig: the flat dict of the contract (docs/interfaces.md)."""
+        return self.evaluate_detailed(cfg).flat()
