@@ -1,0 +1,142 @@
+"""The study's progress line: trials done/total, feasible count, Pareto size, best speedup within the drop limit,
+ETA. Rewritten in place on a terminal; one plain line per finished trial otherwise (logs, CI, pipes)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+
+@dataclass
+class _Point:
+    number: int
+    drop: float
+    latency: float
+    speedup: float
+
+
+def _front_size(points: list[_Point]) -> int:
+    size, best_drop = 0, math.inf
+    for point in sorted(points, key=lambda p: (p.latency, p.drop)):
+        if point.drop < best_drop:
+            size += 1
+            best_drop = point.drop
+    return size
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+@dataclass
+class Progress:
+    """Counts what the driver tells it; `render` gives the line, `update` prints it when due."""
+
+    total: int
+    max_drop: float
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    live: bool | None = None
+    min_interval_s: float = 0.5
+    done: int = 0
+    failed: int = 0
+    running: int = 0
+    feasible: int = 0
+    _points: list[_Point] = field(default_factory=list)
+    _session_done: int = 0
+    _session_start: float = field(default_factory=time.monotonic)
+    _last_draw: float = 0.0
+    _drawn_width: int = 0
+
+    def __post_init__(self) -> None:
+        if self.live is None:
+            self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def record(self, state: str, drop: float | None = None, latency: float | None = None,
+               speedup: float | None = None, number: int = -1, earlier: bool = False) -> None:
+        """One finished trial; `earlier` ones (from before a resume) do not count towards this session's pace."""
+        if state == "FAIL":
+            self.failed += 1
+            return
+        self.done += 1
+        if not earlier:
+            self._session_done += 1
+        finite = all(v is not None and math.isfinite(v) for v in (drop, latency))
+        if finite and drop <= self.max_drop:
+            self.feasible += 1
+            if state == "COMPLETE":
+                self._points.append(_Point(number, drop, latency, speedup if speedup is not None else math.nan))
+
+    @property
+    def pareto_size(self) -> int:
+        return _front_size(self._points)
+
+    @property
+    def best_speedup(self) -> float | None:
+        speedups = [p.speedup for p in self._points if math.isfinite(p.speedup)]
+        return max(speedups) if speedups else None
+
+    def eta_seconds(self) -> float:
+        remaining = max(self.total - self.done, 0)
+        if remaining == 0:
+            return 0.0
+        if self._session_done == 0:
+            return math.inf
+        pace = (time.monotonic() - self._session_start) / self._session_done
+        return pace * remaining
+
+    def render(self) -> str:
+        best = self.best_speedup
+        best_text = f"{best:.2f}x" if best is not None else "-"
+        parts = [
+            f"trials {self.done}/{self.total}",
+            f"running {self.running}",
+            f"feasible {self.feasible}",
+            f"pareto {self.pareto_size}",
+            f"best speedup @drop<={self.max_drop:g}: {best_text}",
+            f"ETA {format_duration(self.eta_seconds())}",
+        ]
+        if self.failed:
+            parts.insert(2, f"failed {self.failed}")
+        return " | ".join(parts)
+
+    def update(self, force: bool = False) -> None:
+        """Redraw the live line (rate-limited); plain mode prints only when forced (after each trial)."""
+        now = time.monotonic()
+        if self.live:
+            if not force and now - self._last_draw < self.min_interval_s:
+                return
+            line = self.render()
+            padding = max(self._drawn_width - len(line), 0)
+            self.stream.write("\r" + line + " " * padding)
+            self.stream.flush()
+            self._drawn_width = len(line)
+        elif force:
+            self.stream.write(self.render() + "\n")
+            self.stream.flush()
+        self._last_draw = now
+
+    def message(self, text: str) -> None:
+        """A line of its own that does not garble the live line."""
+        if self.live and self._drawn_width:
+            self.stream.write("\r" + " " * self._drawn_width + "\r")
+            self._drawn_width = 0
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.live and self._drawn_width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn_width = 0
