@@ -18,7 +18,7 @@ from dsm_tune.search.select import Rule, freeze_trial, pick_winner
 from dsm_tune.search.tracking import (METRIC_KEYS, PARENT_ATTR, PENDING_NAME, MlflowTracker, NullTracker,
                                       TrackingError, resolve_tracking_uri, trial_record)
 from .mlflow_helpers import copy_store, free_port, make_empty_store
-from .synthetic_study import create_study, populate, spec_dict
+from .synthetic_study import add_measured, create_study, make_config, populate, spec_dict
 
 EXPERIMENT = "dsm-tune/dsm_tune_demo_vit/cpu"
 
@@ -223,3 +223,19 @@ def test_null_tracker_does_nothing(tmp_path):
     tracker.refresh_artifacts(tmp_path)
     tracker.end_study([0])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plots_are_refreshed_while_trials_come_in(tmp_path, store_template):
+    uri = copy_store(store_template, tmp_path)
+    study, study_dir = create_study(tmp_path, "live")
+    tracker = MlflowTracker(out=tmp_path, artifact_interval_s=0)
+    parent_id = tracker.start_study(spec_dict("live"), study_dir, resumed=False)
+    for i, (drop, latency) in enumerate([(0.0, 10.0), (0.4, 8.0), (2.0, 6.0)]):
+        # Trials the driver adds after the tracker opened the study are seen on the next refresh.
+        trial = add_measured(study, make_config(i, 0, [0.1 * i]), drop, latency)
+        tracker.log_trial(trial_record(trial))
+        html = (study_dir / "pareto.html").read_text()
+        assert f"{i + 1} measured of {i + 1} trials" in html
+    client = MlflowClient(tracking_uri=uri)
+    assert {"pareto.html", "pareto.png"} <= {a.path for a in client.list_artifacts(parent_id)}
+    assert client.get_run(parent_id).info.status == "RUNNING"  # before end_study

@@ -18,7 +18,8 @@ from dsm_tune.errors import DSMTuneError
 
 # Trial metrics copied into the frozen document, in the order a reader wants them.
 FROZEN_METRIC_KEYS = ("metric", "metric_value", "accuracy_drop", "latency_ms", "latency_iqr_ms",
-                      "baseline_latency_ms", "speedup", "flops_ratio", "tokens_kept", "num_images")
+                      "baseline_latency_ms", "baseline_latency_iqr_ms", "speedup", "speedup_iqr", "flops_ratio",
+                      "tokens_kept", "num_images")
 
 # Where a key may live in a trials frame: plain flattened user attrs first, then Optuna's own
 # `trials_dataframe()` spelling, then the objective values (drop = values_0, latency = values_1).
@@ -258,6 +259,7 @@ def freeze_trial(study: Any, number: int):
         "timm": versions.get("timm"),
         "torch": versions.get("torch"),
         "data": spec.get("data"),
+        "limit": spec.get("limit"),
         "data_fingerprint": study_attrs.get("data_fingerprint"),
         "search_space": spec.get("space"),
         "measured": completed.isoformat(timespec="seconds") if completed else None,

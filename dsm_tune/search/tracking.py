@@ -37,8 +37,9 @@ STUDY_DB_NAME = "study.db"
 ARTIFACT_NAMES = ("pareto.html", "pareto.png", "trials.csv", "best.json", "spec.json", "space.yaml")
 
 # Trial attrs logged as child-run metrics (names as in the trials frame, so the two compare 1:1).
-METRIC_KEYS = ("metric_value", "accuracy_drop", "latency_ms", "latency_iqr_ms", "baseline_latency_ms", "speedup",
-               "flops_ratio", "tokens_kept", "num_images", "eval_seconds", "constraint")
+METRIC_KEYS = ("metric_value", "accuracy_drop", "latency_ms", "latency_iqr_ms", "baseline_latency_ms",
+               "baseline_latency_iqr_ms", "speedup", "speedup_iqr", "flops_ratio", "tokens_kept", "num_images",
+               "eval_seconds", "compile_s", "constraint")
 # Trial attrs logged as child-run tags (strings a UI filter can match).
 TAG_KEYS = ("metric", "worker", "fail_reason", "seed_kind", "aborted")
 
@@ -190,11 +191,12 @@ class MlflowTracker:
     """Logs one study into MLflow; see the module docstring for its guarantees.
 
     `retry_interval_s`: after a failure, how long log calls only queue before trying the store again
-    (`end_study` always tries).
+    (`end_study` always tries). `artifact_interval_s`: while trials come in, the plots are redrawn from the
+    study storage and the parent's artifacts refreshed at most this often (None: only when asked).
     """
 
     def __init__(self, uri: str | None = None, experiment: str | None = None, out: Path = Path("runs"),
-                 retry_interval_s: float = 30.0):
+                 retry_interval_s: float = 30.0, artifact_interval_s: float | None = 120.0):
         self.out = Path(out)
         self.uri = resolve_tracking_uri(uri, self.out)
         if "://" not in self.uri and not self.uri.startswith(("databricks", "file:")):
@@ -212,14 +214,18 @@ class MlflowTracker:
         self._children: dict[int, _Child] | None = None
         self._pending: dict[int, dict[str, Any]] = {}
         self._parent_attr_saved = False
+        self._study = None
         self._offline_since: float | None = None
         self._next_attempt = 0.0
+        self.artifact_interval_s = artifact_interval_s
+        self._last_artifacts = time.monotonic()
 
     # --- protocol -----------------------------------------------------------------------------------------------
     def start_study(self, spec: Any, study_dir: Path, resumed: bool) -> str | None:
         """Open (or, on resume, reopen) the study's parent run; returns its id, None while MLflow is unreachable."""
         self.study_dir = Path(study_dir)
         self.study_dir.mkdir(parents=True, exist_ok=True)
+        self._study = None
         self._spec = _as_dict(spec)
         self.study_name = str(_first(self._spec, "study", "name", "study_name") or self.study_dir.name)
         self._resumed = resumed
@@ -234,6 +240,12 @@ class MlflowTracker:
         self._pending[payload["number"]] = payload
         if not self._attempt(force=False):
             self._write_spool()
+            return
+        due = self.artifact_interval_s is not None and \
+            time.monotonic() - self._last_artifacts >= self.artifact_interval_s
+        if due:
+            self._redraw_plots()
+            self.refresh_artifacts(self.study_dir)
 
     def refresh_artifacts(self, study_dir: Path | None = None) -> None:
         """Mirror the study folder's plots, trials.csv, best.json and space into the parent run's artifacts."""
@@ -245,6 +257,21 @@ class MlflowTracker:
                 self._upload_artifacts(Path(study_dir) if study_dir is not None else self.study_dir)
         except Exception as exc:  # the store failing must not stop the study
             self._went_offline("uploading the study's artifacts", exc)
+        self._last_artifacts = time.monotonic()
+
+    def _redraw_plots(self) -> None:
+        """Plots of the trials so far, so the parent run shows the front while an overnight study runs."""
+        from dsm_tune.search.plots import write_pareto_plots
+        from dsm_tune.search.results import trials_frame
+
+        study = self._open_study()
+        if study is None:
+            return
+        spec = {**(study.user_attrs.get("spec") or {}), **self._spec}
+        try:
+            write_pareto_plots(trials_frame(study), self.study_dir, spec.get("max_accuracy_drop"))
+        except Exception as exc:  # a progress picture is not worth an overnight study
+            log.warning("dsm-tune: warning: could not redraw the Pareto plots (%s)", _short(exc))
 
     def end_study(self, pareto_trial_numbers: list[int]) -> None:
         """Log whatever is still missing, tag the Pareto-optimal children and close the parent run."""
@@ -543,15 +570,19 @@ class MlflowTracker:
 
     # --- study storage and spool ----------------------------------------------------------------------------------
     def _open_study(self):
+        """The study (its attrs are read fresh from the storage on every access), None until it exists."""
+        if self._study is not None:
+            return self._study
         database = self.study_dir / STUDY_DB_NAME
         if not database.exists():
             return None
         import optuna
 
         try:
-            return optuna.load_study(study_name=self.study_name, storage=f"sqlite:///{database.resolve()}")
+            self._study = optuna.load_study(study_name=self.study_name, storage=f"sqlite:///{database.resolve()}")
         except KeyError:  # the database exists but holds no study of that name yet
             return None
+        return self._study
 
     def _study_attrs(self) -> dict[str, Any]:
         study = self._open_study()

@@ -1,0 +1,151 @@
+"""`dsm-tune verify FILE`: re-measure a frozen config on this machine and compare with the figures it carries.
+
+What a deployment team runs before shipping: the model named in the file is built (and must fit the file's
+fingerprint), the config applied, accuracy drop and speedup measured again with `dsm_tune.evaluation`, and the
+command exits 1 when either is outside the stated tolerance (2 for errors, as every command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from dsm_tune.commands.common import add_data_args, add_target_args
+from dsm_tune.errors import DSMTuneError
+
+OUT_OF_TOLERANCE = 1
+
+
+class VerifyError(DSMTuneError):
+    """The file cannot be verified as asked (no recorded figures, bad tolerances)."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "verify", help="re-measure a frozen DSM config here and compare with its recorded figures",
+        description="Build the model named in FILE, check the config fits it, apply it, re-measure accuracy drop "
+                    "and speedup, and compare with the figures in FILE. Exit status 1 when out of tolerance. "
+                    "Target settings (batch size, dtype, compile) default to the ones in FILE.")
+    parser.add_argument("file", type=Path, metavar="FILE", help="frozen config written by `dsm-tune export`")
+    add_target_args(parser)
+    add_data_args(parser)
+    # None: use the device profile, batch size, data and metric recorded in FILE.
+    parser.set_defaults(device=None)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="local weights (.safetensors, or a torch state dict loaded with weights_only=True)")
+    parser.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights")
+    parser.add_argument("--speedup-tolerance", type=float, default=0.1, metavar="FRACTION",
+                        help="accept a speedup down to (1 - FRACTION) x the recorded one (default: 0.1)")
+    parser.add_argument("--drop-tolerance", type=float, default=0.5, metavar="POINTS",
+                        help="accept an accuracy drop up to the recorded one + POINTS (default: 0.5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs (default: per device)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed samples per model (default: per device)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where dense outputs are cached")
+    parser.set_defaults(func=main)
+
+
+def _recorded(metrics: Mapping[str, Any], key: str, file: Path) -> float:
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise VerifyError(f"{file} records no {key!r} in its metrics: verify compares against the figures "
+                          "`dsm-tune export` writes")
+    return float(value)
+
+
+def _check_tolerances(args: argparse.Namespace) -> None:
+    if not 0 <= args.speedup_tolerance < 1:
+        raise VerifyError(f"--speedup-tolerance must be in [0, 1), got {args.speedup_tolerance}")
+    if not args.drop_tolerance >= 0:
+        raise VerifyError(f"--drop-tolerance must be >= 0, got {args.drop_tolerance}")
+
+
+def compare(recorded: Mapping[str, Any], measured: Mapping[str, Any], speedup_tolerance: float,
+            drop_tolerance: float) -> list[dict[str, Any]]:
+    """One row per figure: recorded, measured, the bound it must meet (None: shown only) and whether it does."""
+    drop_bound = recorded["accuracy_drop"] + drop_tolerance
+    speedup_bound = recorded["speedup"] * (1 - speedup_tolerance)
+    rows = [
+        {"name": "accuracy drop", "recorded": recorded["accuracy_drop"], "measured": measured["accuracy_drop"],
+         "bound": f"<= {drop_bound:.3f}", "ok": measured["accuracy_drop"] is not None
+         and measured["accuracy_drop"] <= drop_bound},
+        {"name": "speedup (x)", "recorded": recorded["speedup"], "measured": measured["speedup"],
+         "bound": f">= {speedup_bound:.3f}", "ok": measured["speedup"] >= speedup_bound},
+    ]
+    for key, name in (("latency_ms", "latency (ms)"), ("baseline_latency_ms", "dense latency (ms)"),
+                      ("flops_ratio", "FLOPs ratio"), ("tokens_kept", "tokens kept")):
+        rows.append({"name": name, "recorded": recorded.get(key), "measured": measured.get(key), "bound": None,
+                     "ok": None})
+    return rows
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    from dsm_tune.commands.report import format_table
+
+    table = [[r["name"], _cell(r["recorded"]), _cell(r["measured"]), r["bound"] or "",
+              "" if r["ok"] is None else ("yes" if r["ok"] else "NO")] for r in rows]
+    return format_table(table, ["figure", "in file", "measured", "required", "ok"])
+
+
+def _target(args: argparse.Namespace, recorded_target: Mapping[str, Any]):
+    from dsm_tune.evaluation.targets import load_target
+
+    profile = args.device or recorded_target.get("profile") or recorded_target.get("device") or "cpu"
+    same_profile = args.device is None or args.device == recorded_target.get("profile")
+    # The recorded batch size / dtype / compile flag belong to the recorded profile; another device keeps its own.
+    pick = (lambda flag, key: flag if flag is not None else (recorded_target.get(key) if same_profile else None))
+    return load_target(profile, batch_size=pick(args.batch_size, "batch_size"), dtype=pick(args.dtype, "dtype"),
+                       compile=pick(args.compile, "compile"))
+
+
+def main(args: argparse.Namespace) -> int:
+    from dsm_tune.evaluation.models import build_model, is_demo_model
+    from dsm_tune.evaluation.trial import TrialEvaluator
+    from dsm_tune.merging import check_fits, load_config
+
+    _check_tolerances(args)
+    cfg = load_config(args.file)
+    metrics = dict(cfg.metrics or {})
+    recorded = {key: _recorded(metrics, key, args.file) for key in ("accuracy_drop", "speedup")}
+    recorded.update({k: metrics.get(k) for k in ("latency_ms", "baseline_latency_ms", "flops_ratio", "tokens_kept")})
+    provenance = dict(cfg.provenance or {})
+    target = _target(args, cfg.target or {})
+
+    name, (height, width) = cfg.model.name, cfg.model.img_size
+    # The demo model carries its own weights only when built at its native size; other models are built at the
+    # size the config was tuned for (e.g. DINOv2 at 224 rather than timm's 518).
+    img_size = None if is_demo_model(name) or height != width else height
+    # Refuse a model that does not fit before paying for data loading and the dense baseline.
+    check_fits(build_model(name, checkpoint=args.checkpoint, pretrained=args.pretrained, img_size=img_size), cfg)
+
+    data = args.data if args.data is not None else provenance.get("data")
+    metric = args.metric or metrics.get("metric")
+    limit = args.limit if args.limit is not None else provenance.get("limit")
+    print(f"verifying {args.file}: {name} on {target.describe()}, trial {provenance.get('trial')} of study "
+          f"{provenance.get('study')}")
+    evaluator = TrialEvaluator(name, target, data, metric=metric, limit=limit, checkpoint=args.checkpoint,
+                               cache_dir=args.cache_dir, pretrained=args.pretrained, img_size=img_size,
+                               warmup=args.warmup, repeats=args.repeats)
+    if evaluator.accuracy is None:
+        raise VerifyError(f"no images to measure the accuracy drop of {name} on: pass --data")
+    measured = evaluator.evaluate(cfg)
+
+    recorded_data = provenance.get("data_fingerprint")
+    here = evaluator.baseline.get("data_fingerprint")
+    if recorded_data and here and recorded_data != here:
+        print(f"note: the images differ from the study's (data fingerprint {here}, file {recorded_data}): "
+              "the accuracy drop is not strictly comparable")
+    rows = compare(recorded, measured, args.speedup_tolerance, args.drop_tolerance)
+    print(format_rows(rows))
+    failed = [r["name"] for r in rows if r["ok"] is False]
+    if failed:
+        print(f"FAIL: {', '.join(failed)} outside tolerance (--speedup-tolerance {args.speedup_tolerance:g}, "
+              f"--drop-tolerance {args.drop_tolerance:g})")
+        return OUT_OF_TOLERANCE
+    print("PASS: accuracy drop and speedup within tolerance")
+    return 0
