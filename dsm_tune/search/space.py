@@ -66,12 +66,22 @@ class Seed:
     config: DSMConfig
 
 
+# Trial user attr marking a trial enqueued with ToMe's fixed count `stage0_r` (Optuna keeps no public record of
+# which parameters were pinned, and the sampler must never be asked for `stage0_r`).
+R_FORM_ATTR = "merge_form"
+
+
+def replay_attrs(params: Mapping[str, Any]) -> dict[str, Any]:
+    """User attrs to enqueue with `params` so that `suggest` maps them back to the same config."""
+    return {R_FORM_ATTR: "r"} if "stage0_r" in params else {}
+
+
 class _PinnedTrial:
     """Answers `suggest_*` from a dict, as an enqueued Optuna trial would; lets `params_for` check itself."""
 
     def __init__(self, params: Mapping[str, Any]):
         self.params = dict(params)
-        self.system_attrs = {"fixed_params": dict(params)}
+        self.user_attrs = replay_attrs(params)
 
     def _get(self, name: str) -> Any:
         if name not in self.params:
@@ -88,10 +98,8 @@ class _PinnedTrial:
         return self._get(name)
 
 
-def _pinned_params(trial: Any) -> Mapping[str, Any]:
-    """Parameters fixed in advance for this trial (enqueued seeds, re-queued trials), else empty."""
-    attrs = getattr(trial, "system_attrs", None) or {}
-    return attrs.get("fixed_params") or {}
+def _uses_r_form(trial: Any) -> bool:
+    return (getattr(trial, "user_attrs", None) or {}).get(R_FORM_ATTR) == "r"
 
 
 @dataclass(frozen=True)
@@ -118,8 +126,7 @@ class SearchSpace:
 
     def suggest(self, trial: Any) -> DSMConfig:
         """Sample one config. `trial` is an `optuna.Trial` (or anything with its suggest_* methods)."""
-        pinned = _pinned_params(trial)
-        if "stage0_r" in pinned:
+        if _uses_r_form(trial):
             # ToMe reference points live outside the ratio space by design (a constant count, from block 0);
             # Optuna would warn that their pinned values are out of range, which is expected here.
             with warnings.catch_warnings():

@@ -30,7 +30,7 @@ from dsm_tune.search.progress import Progress, format_duration
 from dsm_tune.search.results import (
     STORAGE_FILE, StudyError, open_storage, pareto_numbers, storage_url, write_trials_csv,
 )
-from dsm_tune.search.space import SearchSpace, SpaceError, parse_space, plan_key
+from dsm_tune.search.space import SearchSpace, SpaceError, parse_space, plan_key, replay_attrs
 from dsm_tune.search.workers import Placement, PoolEvent, Slot, WorkerPool, is_finite_number, start_ray, stop_ray
 
 __all__ = ["StudySpec", "StudyResult", "StudyError", "run_study", "resume_spec", "SAMPLERS", "DEFAULT_SAMPLER"]
@@ -408,10 +408,7 @@ class _Driver:
     def _requeue(self, task: _Task, reason: str) -> None:
         """FAIL the trial (it never finished) and queue its parameters again for the next run."""
         self._tell_fail(task, reason)
-        user_attrs = {"requeued_from": task.trial.number}
-        if task.seed_kind:
-            user_attrs["seed_kind"] = task.seed_kind
-        self.study.enqueue_trial(dict(task.trial.params), user_attrs=user_attrs)
+        _enqueue_again(self.study, dict(task.trial.params), task.trial.number, task.seed_kind)
 
     # asking ----------------------------------------------------------------------------------------------------
     def _ask_one(self) -> _Task | None:
@@ -586,12 +583,16 @@ def _recover_stale(study: optuna.Study, storage: optuna.storages.RDBStorage) -> 
         storage.set_trial_user_attr(trial_id, "fail_reason", "the process running the study ended while this trial "
                                                              "was running; queued again")
         study.tell(trial.number, state=TrialState.FAIL)
-        user_attrs = {"requeued_from": trial.number}
-        if trial.user_attrs.get("seed_kind"):
-            user_attrs["seed_kind"] = trial.user_attrs["seed_kind"]
-        study.enqueue_trial(dict(trial.params), user_attrs=user_attrs)
+        _enqueue_again(study, dict(trial.params), trial.number, trial.user_attrs.get("seed_kind"))
         count += 1
     return count
+
+
+def _enqueue_again(study: optuna.Study, params: dict[str, Any], number: int, seed_kind: str | None) -> None:
+    user_attrs: dict[str, Any] = {**replay_attrs(params), "requeued_from": number}
+    if seed_kind:
+        user_attrs["seed_kind"] = seed_kind
+    study.enqueue_trial(params, user_attrs=user_attrs)
 
 
 def _enqueue_seeds(study: optuna.Study, space: SearchSpace) -> int:
@@ -599,7 +600,8 @@ def _enqueue_seeds(study: optuna.Study, space: SearchSpace) -> int:
         return 0
     seeds = space.seeds()
     for seed in seeds:
-        study.enqueue_trial(space.params_for(seed.config), user_attrs={"seed_kind": seed.kind})
+        params = space.params_for(seed.config)
+        study.enqueue_trial(params, user_attrs={**replay_attrs(params), "seed_kind": seed.kind})
     study.set_user_attr("seeded", True)
     return len(seeds)
 
@@ -810,6 +812,8 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Any] | None, tr
     _print_front(df, front, spec, out)
     done = int(df["state"].isin(["COMPLETE", "PRUNED"]).sum())
     out.write(f"Study files in {study_dir}: " + ", ".join(p.name for p in files if p.exists()) + "\n")
+    if interrupted:
+        out.write(f"Interrupted: {done} finished trial(s) kept.\n")
     if interrupted or (driver.stopped_by == "timeout" and done < spec.trials):
         out.write(f"Resume with: dsm-tune run --study {spec.study} --out {spec.out}"
                   + (" --timeout <more seconds>" if driver.stopped_by == "timeout" else "") + "\n")

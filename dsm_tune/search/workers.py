@@ -358,7 +358,8 @@ class StandInEvaluator:
 
     Latency follows the tokens each block processes; accuracy drop grows with tokens merged early and with global
     matching, and shrinks with proportional attention, so the search has a real trade-off to find. A config whose
-    key is in `die_on` ends the worker process abruptly (as a crash or OOM kill would); `fail_on` raises instead.
+    key is in `die_on` ends the worker process abruptly (as a crash or OOM kill would); `fail_on` raises instead
+    (`"*"`: every config).
     """
 
     def __init__(self, fingerprint: ModelFingerprint, cost_s: float = 0.0, die_on: tuple[str, ...] = (),
@@ -384,7 +385,7 @@ class StandInEvaluator:
                 if self.die_marker is not None:
                     Path(self.die_marker).write_text(key)
                 os._exit(1)
-        if key in self.fail_on:
+        if key in self.fail_on or "*" in self.fail_on:
             raise RuntimeError(f"stand-in failure for {key}")
         guard_accuracy = guard.accuracy() if guard is not None else contextlib.nullcontext()
         guard_timing = guard.timing() if guard is not None else contextlib.nullcontext()
