@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-SERVER_START_TIMEOUT_S = 90
+SERVER_START_TIMEOUT_S = 120
 
 
 def free_port() -> int:
