@@ -70,8 +70,11 @@ def create_study(out: Path, name: str, max_drop: float | None = 1.0, fingerprint
 
 
 def add_measured(study: optuna.Study, config: DSMConfig, drop: float, latency: float, max_drop: float | None = 1.0,
-                 seed_kind: str | None = None, worker: str = "worker-0/cpu") -> optuna.trial.FrozenTrial:
+                 seed_kind: str | None = None, worker: str = "worker-0/cpu",
+                 figures: dict | None = None) -> optuna.trial.FrozenTrial:
+    """A measured trial; `figures` (a TrialEvaluator.evaluate() result) replaces the synthetic figures."""
     attrs = trial_figures(drop, latency)
+    attrs.update(figures or {})
     attrs.update(config=config.replace(model=None).to_dict(), worker=worker,
                  constraint=drop - max_drop if max_drop is not None else drop)
     if seed_kind:
