@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from dsm_tune.merging import DSMConfig
 from dsm_tune.search.plots import write_pareto_plots
-from dsm_tune.search.results import pareto_numbers, trials_frame, write_trials_csv
+from dsm_tune.search.results import load_study, pareto_numbers, trials_frame, write_trials_csv
 from dsm_tune.search.select import Rule, freeze_trial, pick_winner
 from dsm_tune.search.tracking import (METRIC_KEYS, PARENT_ATTR, PENDING_NAME, MlflowTracker, NullTracker,
                                       TrackingError, resolve_tracking_uri, trial_record)
@@ -239,3 +239,38 @@ def test_plots_are_refreshed_while_trials_come_in(tmp_path, store_template):
     client = MlflowClient(tracking_uri=uri)
     assert {"pareto.html", "pareto.png"} <= {a.path for a in client.list_artifacts(parent_id)}
     assert client.get_run(parent_id).info.status == "RUNNING"  # before end_study
+
+
+@pytest.mark.slow
+def test_driver_run_leaves_one_parent_with_a_child_per_trial_equal_to_trials_csv(tmp_path):
+    """`run_study` with its default tracker (MLflow at <out>/mlflow.db), on Ray, with the stand-in evaluator."""
+    import io
+
+    import pandas as pd
+
+    from dsm_tune.merging import ModelFingerprint
+    from dsm_tune.search.study import StudySpec, run_study
+    from dsm_tune.search.workers import StandInFactory
+
+    fingerprint = ModelFingerprint("dsm_tune_demo_vit", 6, (16, 16), 1, (32, 32), 64)
+    spec = StudySpec(model="demo", target="cpu", trials=16, workers=1, out=tmp_path, max_accuracy_drop=0.5)
+    run_study(spec, evaluator_factory=StandInFactory(fingerprint, cost_s=0.01), stream=io.StringIO())
+
+    study_dir = tmp_path / spec.study
+    csv = pd.read_csv(study_dir / "trials.csv")
+    finished = csv[csv["state"].isin(["COMPLETE", "PRUNED", "FAIL"])].set_index("number")
+    assert int(csv["state"].isin(["COMPLETE", "PRUNED"]).sum()) == 16
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parents, children = _runs(client)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(int(c.data.tags["trial_number"]) for c in children) == sorted(finished.index)
+    for child in children:
+        row = finished.loc[int(child.data.tags["trial_number"])]
+        for key in ("accuracy_drop", "latency_ms", "speedup", "flops_ratio", "tokens_kept", "metric_value"):
+            if key in row and pd.notna(row[key]):
+                assert child.data.metrics[key] == pytest.approx(float(row[key]), rel=1e-12), key
+    front = {int(r.data.tags["trial_number"]) for r in children if r.data.tags.get("pareto") == "true"}
+    assert front == set(pareto_numbers(csv))
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"pareto.html", "pareto.png", "trials.csv", "best.json", "spec.json"} <= artifacts
+    assert load_study(study_dir).user_attrs[PARENT_ATTR] == parents[0].info.run_id

@@ -9,7 +9,6 @@ the study storage without the driver.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
