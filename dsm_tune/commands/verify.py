@@ -89,7 +89,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
     table = [[r["name"], _cell(r["recorded"]), _cell(r["measured"]), r["bound"] or "",
               "" if r["ok"] is None else ("yes" if r["ok"] else "NO")] for r in rows]
-    return format_table(table, ["figure", "in file", "measured", "required", "ok"])
+    return format_table(table, ["figure", "in file", "measured", "required", "ok"], left=(0,))
 
 
 def _target(args: argparse.Namespace, recorded_target: Mapping[str, Any]):
