@@ -160,25 +160,30 @@ def test_verify_fails_when_the_file_promises_more_than_is_measured(measured_expo
     assert "NO" in next(line for line in out.splitlines() if line.startswith("speedup"))
 
 
-def test_verify_refusals(measured_export, tmp_path, capsys):
+def test_verify_refusals(study_out, tmp_path, capsys):
+    """Each refused before anything is measured (the file is a synthetic study's export)."""
+    out, _ = study_out
+    exported = tmp_path / "dsm.json"
+    assert _export(out, output=exported) == 0
+    capsys.readouterr()
     assert _verify(tmp_path / "absent.json") == 2
     assert "config file not found" in _error(capsys)
 
-    document = json.loads(measured_export.read_text())
+    document = json.loads(exported.read_text())
     del document["metrics"]
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps(document))
     assert _verify(bare) == 2
     assert "records no 'accuracy_drop'" in _error(capsys)
 
-    document = json.loads(measured_export.read_text())
+    document = json.loads(exported.read_text())
     document["model"]["embed_dim"] = 768
     other = tmp_path / "other-model.json"
     other.write_text(json.dumps(document))
     assert _verify(other) == 2
     assert "embed_dim" in _error(capsys)
 
-    assert _verify(measured_export, "--speedup-tolerance", "1.5") == 2
+    assert _verify(exported, "--speedup-tolerance", "1.5") == 2
     assert "--speedup-tolerance must be in [0, 1)" in _error(capsys)
-    assert _verify(measured_export, "--device", "a100") == 2
+    assert _verify(exported, "--device", "a100") == 2
     assert "a100" in _error(capsys)
