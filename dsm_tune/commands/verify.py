@@ -33,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_args(parser)
     # None: use the device profile, batch size, data and metric recorded in FILE.
     parser.set_defaults(device=None)
+    for action in parser._actions:
+        if action.dest == "device":
+            action.help = "hardware target profile (default: the one recorded in FILE)"
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="local weights (.safetensors, or a torch state dict loaded with weights_only=True)")
     parser.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights")
