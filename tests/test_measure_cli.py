@@ -139,3 +139,48 @@ def test_demo_model_end_to_end(capsys, tmp_path, data):
     assert doc["accuracy_drop"] == pytest.approx(doc["dense"]["metric_value"] - doc["merged"]["metric_value"])
     assert doc["merged"]["tokens_per_block"][0] == 256 and doc["merged"]["tokens_per_block"][-1] < 256
     assert ("slice" in doc["data"]["description"]) == (data is None)
+
+
+# -- the trial evaluator behind `measure` (and behind every study worker) ---------------------------------------
+
+CONTRACT_KEYS = {"metric", "metric_value", "accuracy_drop", "aborted", "latency_ms", "latency_iqr_ms",
+                 "baseline_latency_ms", "speedup", "flops_ratio", "tokens_kept", "num_images", "eval_seconds"}
+
+
+def test_trial_evaluator_scores_configs_on_a_shared_weight_copy(tmp_path, imagenet_subset):
+    from dsm_tune.evaluation.trial import TrialEvaluator
+    from dsm_tune.merging import is_patched
+
+    from dsm_tune.evaluation.targets import load_target
+
+    evaluator = TrialEvaluator("vit_tiny", load_target("cpu", batch_size=2), str(imagenet_subset), metric="agreement", limit=8,
+                               cache_dir=tmp_path, img_size=64, warmup=1, repeats=3)
+    model, merged = evaluator.model, evaluator.merged_model
+    assert merged is not model and merged.head.weight is model.head.weight  # no weight copy
+    assert evaluator.fingerprint.grid == (4, 4) and evaluator.input_shape == (3, 64, 64)
+
+    identity = evaluator.evaluate(DSMConfig.dense(model))
+    assert CONTRACT_KEYS <= set(identity)
+    assert identity["accuracy_drop"] == 0.0 and identity["flops_ratio"] == 1.0 and identity["tokens_kept"] == 1.0
+    assert not is_patched(merged) and not is_patched(model)
+
+    cfg = DSMConfig.for_model(model, start_layer=2, hierarchy_depth=1, stages=[Stage(4, ratio=0.5), Stage(6, r=2)])
+    result = evaluator.evaluate(cfg)
+    assert result["tokens_kept"] < 0.5 and result["flops_ratio"] < 1.0 and result["num_images"] == 8
+    assert result["speedup"] == pytest.approx(result["baseline_latency_ms"] / result["latency_ms"])
+    assert not is_patched(merged)
+    assert evaluator.baseline["metric_value"] == 100.0 and evaluator.baseline["latency_ms"] > 0
+
+    # A trial whose drop is certain to exceed the limit stops early but still reports both objectives.
+    evaluator.max_drop = -1.0  # "must beat the dense model": certain to fail after the first chunk
+    aborted = evaluator.evaluate(cfg)
+    assert aborted["aborted"] and aborted["num_images"] == 2 and aborted["accuracy_drop"] > -1.0
+    assert aborted["latency_ms"] > 0 and not is_patched(merged)
+
+    # A config for another model is refused, naming the mismatch.
+    from dsm_tune.merging import ModelMismatchError
+    other = DSMConfig.from_dict({**merge_document(), "model": {"name": "vit_tiny_patch16_224", "num_blocks": 12,
+                                 "grid": [14, 14], "num_prefix_tokens": 1, "img_size": [224, 224],
+                                 "embed_dim": 192}})
+    with pytest.raises(ModelMismatchError, match="grid"):
+        evaluator.evaluate(other)

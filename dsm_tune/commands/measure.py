@@ -72,7 +72,7 @@ def measure(args: argparse.Namespace) -> dict:
         cache_dir=args.cache_dir, pretrained=args.pretrained, img_size=args.img_size, seed=args.seed,
         warmup=args.warmup, repeats=args.repeats)
     model = evaluator.model
-    baseline = evaluator.baseline
+    scorer = evaluator.accuracy
     dense_report = merge_report(model, DSMConfig.dense(model))
     document: dict = {
         "model": {"name": evaluator.model_name, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
@@ -80,14 +80,15 @@ def measure(args: argparse.Namespace) -> dict:
         "target": target.to_dict(),
         "data": ({"description": evaluator.data.description, "fingerprint": evaluator.data.fingerprint,
                   "num_images": evaluator.data.num_images} if evaluator.data else None),
-        "metric": baseline["metric"],
+        "metric": scorer.metric if scorer else None,
         "config": None,
-        "dense": {"metric_value": baseline["metric_value"], "latency_ms": baseline["latency_ms"],
-                  "latency_iqr_ms": baseline["latency_iqr_ms"],
+        "dense": {"metric_value": scorer.baseline_value if scorer else None,
                   "tokens_per_block": dense_report["tokens_per_block"], "flops": dense_report["flops_dense"]},
         "merged": None,
     }
     if cfg is None:
+        baseline = evaluator.baseline  # dense latency alone
+        document["dense"].update(latency_ms=baseline["latency_ms"], latency_iqr_ms=baseline["latency_iqr_ms"])
         return document
 
     outcome = evaluator.evaluate_detailed(cfg)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import logging
 import math
 import tempfile
 import threading
@@ -38,6 +39,7 @@ DEFAULT_MIN_SAMPLE_MS = 20.0
 _MAX_RUNS_PER_SAMPLE = 1000
 
 _PROCESS_LOCK = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 class LatencyError(DSMTuneError):
@@ -59,6 +61,7 @@ class LatencyResult:
     repeats: int = 0
     runs_per_sample: int = 1
     interleaved: bool = True
+    pair_speedup: float = 0.0   # median of the per-pair ratios: a second estimate, robust to bursts of load
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,7 +88,12 @@ def device_lock(device: torch.device | str) -> Iterator[None]:
             return
         lock_path = Path(tempfile.gettempdir()) / f"dsm-tune-latency-{_device_lock_name(device)}.lock"
         with open(lock_path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("waiting for another process's latency measurement on %s to finish (%s)",
+                            device, lock_path)
+                fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
             finally:
@@ -206,7 +214,7 @@ def measure_latency(dense_model: torch.nn.Module, merged_model: torch.nn.Module,
         candidate_ms=candidate_ms, candidate_iqr_ms=_iqr(merged_times),
         speedup=baseline_ms / candidate_ms, speedup_iqr=_iqr(ratios),
         compile_s=compile_s, batch_size=target.batch_size, dtype=target.dtype, device=target.device,
-        repeats=repeats, runs_per_sample=runs, interleaved=interleave,
+        repeats=repeats, runs_per_sample=runs, interleaved=interleave, pair_speedup=float(np.median(ratios)),
     )
 
 
