@@ -343,8 +343,7 @@ def load_space(path: str | Path | None, model_name: str, fingerprint: ModelFinge
     return parse_space(text, fingerprint, source)
 
 
-def parse_space(text: str, fingerprint: ModelFingerprint, source: Path = Path("<space>")) -> SearchSpace:
-    where = source.name if source.name else str(source)
+def _read_mapping(text: str, where: str) -> Mapping[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -354,6 +353,20 @@ def parse_space(text: str, fingerprint: ModelFingerprint, source: Path = Path("<
         raise SpaceError(f"{where}: not valid YAML{at}: {problem}") from None
     if not isinstance(data, Mapping):
         raise SpaceError(f"{where}: a search space must be a mapping of keys, got {type(data).__name__}")
+    unknown = sorted(set(map(str, data)) - KNOWN_KEYS)
+    if unknown:
+        raise SpaceError(f"{where}: key {unknown[0]!r}: unknown key; known keys: {', '.join(sorted(KNOWN_KEYS))}")
+    return data
+
+
+def precheck_space(text: str, source: Path = Path("<space>")) -> None:
+    """The checks that need no model (YAML syntax, known keys), so a bad file fails before any worker starts."""
+    _read_mapping(text, source.name or str(source))
+
+
+def parse_space(text: str, fingerprint: ModelFingerprint, source: Path = Path("<space>")) -> SearchSpace:
+    where = source.name if source.name else str(source)
+    data = _read_mapping(text, where)
     return _SpaceParser(where, data, fingerprint).parse(source)
 
 
@@ -386,9 +399,6 @@ class _SpaceParser:
         return out[0], out[1]
 
     def parse(self, source: Path) -> SearchSpace:
-        unknown = sorted(set(map(str, self.data)) - KNOWN_KEYS)
-        if unknown:
-            raise self.fail(unknown[0], f"unknown key; known keys: {', '.join(sorted(KNOWN_KEYS))}")
         blocks = self.fp.num_blocks
         start = self.start_layer(blocks)
         depth = self.hierarchy_depth(start)

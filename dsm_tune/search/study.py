@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 import warnings
@@ -30,7 +29,10 @@ from dsm_tune.search.progress import Progress, format_duration
 from dsm_tune.search.results import (
     STORAGE_FILE, StudyError, open_storage, pareto_numbers, storage_url, write_trials_csv,
 )
-from dsm_tune.search.space import SearchSpace, SpaceError, parse_space, plan_key, replay_attrs
+from dsm_tune.search.space import (
+    SearchSpace, SpaceError, parse_space, plan_key, precheck_space, replay_attrs,
+)
+from dsm_tune.search.tracking import trial_record
 from dsm_tune.search.workers import Placement, PoolEvent, Slot, WorkerPool, is_finite_number, start_ray, stop_ray
 
 __all__ = ["StudySpec", "StudyResult", "StudyError", "run_study", "resume_spec", "SAMPLERS", "DEFAULT_SAMPLER"]
@@ -170,8 +172,10 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _study_exists(url: str, name: str) -> bool:
-    storage = optuna.storages.RDBStorage(url)
+def _study_exists(study_dir: Path, name: str) -> bool:
+    if not (study_dir / STORAGE_FILE).is_file():
+        return False   # do not create an empty storage just by looking
+    storage = optuna.storages.RDBStorage(storage_url(study_dir))
     try:
         return name in {s.study_name for s in storage.get_all_studies()}
     finally:
@@ -358,14 +362,7 @@ class _Driver:
         self._record_progress(frozen)
         self.study.set_user_attr("elapsed_s", round(self.elapsed(), 3))
         write_trials_csv(self.study, self.csv_path)
-        try:
-            from dsm_tune.search.tracking import trial_record
-
-            record = trial_record(frozen)
-        except ImportError:
-            record = {"number": frozen.number, "state": frozen.state.name, "params": dict(frozen.params),
-                      **frozen.user_attrs}
-        self.tracker.log_trial(record)
+        self.tracker.log_trial(trial_record(frozen))
         self.progress.update(force=True)
 
     # telling ---------------------------------------------------------------------------------------------------
@@ -606,11 +603,11 @@ def _enqueue_seeds(study: optuna.Study, space: SearchSpace) -> int:
     return len(seeds)
 
 
-def _wait_first_worker(pool: WorkerPool, progress: Progress,
-                       handle_failure: Callable[[PoolEvent], None]) -> dict[str, Any]:
+def _wait_first_worker(pool: WorkerPool, progress: Progress) -> dict[str, Any]:
     """Block until one worker has loaded the model (its fingerprint and baselines set up the study)."""
     started = time.monotonic()
     warned = False
+    failures = 0
     while True:
         if not warned and time.monotonic() - started > STARTUP_NOTICE_S:
             placement = pool.placement
@@ -620,9 +617,17 @@ def _wait_first_worker(pool: WorkerPool, progress: Progress,
                              f"check that the cluster has such a node (`ray status`)")
             warned = True
         for event in pool.wait(WAIT_SLICE_S):
-            if event.kind == "ready" and "error_text" not in (event.payload or {}):
-                return event.payload  # type: ignore[return-value]
-            handle_failure(event)
+            info = event.payload or {}
+            if event.kind == "ready" and "error_text" not in info:
+                return info
+            if isinstance(info.get("error"), Exception):
+                raise info["error"]   # a user error (missing data, unknown model): as itself, at once
+            reason = info.get("error_text") or event.reason
+            failures += 1
+            if failures >= MAX_FRESH_DEATHS:
+                raise StudyError(f"workers cannot start ({failures} attempts), last: {reason}")
+            progress.message(f"dsm-tune: a worker failed to start: {reason}; retrying")
+            pool.replace(event.slot)
 
 
 def _print_front(df: Any, front: list[int], spec: StudySpec, stream: TextIO) -> None:
@@ -654,8 +659,12 @@ def _print_front(df: Any, front: list[int], spec: StudySpec, stream: TextIO) -> 
                      f"{num('speedup', '7.2f')}x {num('tokens_kept', '6.2f')}  {described}\n")
 
 
-def _finish_outputs(study: optuna.Study, spec: StudySpec, progress: Progress) -> tuple[Any, list[int], int | None,
-                                                                                   Path | None, list[Path]]:
+def _finish_outputs(study: optuna.Study, spec: StudySpec,
+                    progress: Progress) -> tuple[Any, list[int], int | None, Path | None, list[Path]]:
+    """trials.csv, best.json (fastest trial within the drop limit) and the Pareto plots."""
+    from dsm_tune.search.plots import write_pareto_plots
+    from dsm_tune.search.select import NoWinnerError, Rule, freeze_trial, pick_winner
+
     study_dir = spec.study_dir
     df = write_trials_csv(study, study_dir / CSV_FILE)
     files = [study_dir / STORAGE_FILE, study_dir / CSV_FILE]
@@ -663,22 +672,14 @@ def _finish_outputs(study: optuna.Study, spec: StudySpec, progress: Progress) ->
     best_number: int | None = None
     best_path: Path | None = None
     try:
-        from dsm_tune.search.select import NoWinnerError, Rule, freeze_trial, pick_winner
-
         best_number = pick_winner(df, Rule(), spec.max_accuracy_drop)
+    except NoWinnerError as exc:
+        progress.message(f"dsm-tune: no best.json: {exc}")
+    if best_number is not None:
         best_path = study_dir / BEST_FILE
         freeze_trial(study, best_number).to_json(best_path)
         files.append(best_path)
-    except ImportError as exc:
-        progress.message(f"dsm-tune: warning: best.json not written ({exc})")
-    except NoWinnerError as exc:
-        progress.message(f"dsm-tune: no best.json: {exc}")
-    try:
-        from dsm_tune.search.plots import write_pareto_plots
-
-        files += list(write_pareto_plots(df, study_dir, spec.max_accuracy_drop))
-    except ImportError as exc:
-        progress.message(f"dsm-tune: warning: plots not written ({exc})")
+    files += list(write_pareto_plots(df, study_dir, spec.max_accuracy_drop))
     return df, front, best_number, best_path, files
 
 
@@ -710,118 +711,155 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Any] | None, tr
                 stream: TextIO) -> StudyResult:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_dir = spec.study_dir
-    url = storage_url(study_dir)
-    resumed = _study_exists(url, str(spec.study))
-    stored_spec: dict[str, Any] | None = None
+    resumed = _study_exists(study_dir, str(spec.study))
     if resumed:
         from dsm_tune.search.results import load_study
 
-        stored_spec = dict(load_study(study_dir).user_attrs["spec"])
-        _check_same_study(stored_spec, spec)
+        _check_same_study(load_study(study_dir).user_attrs["spec"], spec)
     # Read the space before any worker starts so a malformed file fails fast; the fingerprint check comes later.
     space_text, space_source = _space_text(spec, study_dir, resumed)
-
-    target = _resolve_target(spec) if evaluator_factory is None else None
-    placement = Placement.for_target(target, spec.workers) if target is not None else Placement(
-        guard_timing=False)
-    factory = evaluator_factory or DefaultEvaluatorFactory.from_spec(spec)
+    precheck_space(space_text, space_source)
     progress = Progress(total=spec.trials, max_drop=spec.max_accuracy_drop, stream=stream)
     progress.message(f"dsm-tune: {'resuming' if resumed else 'starting'} study {spec.study!r} in {study_dir} "
                      f"({spec.model} on {spec.target}, {spec.workers} worker(s), sampler {spec.sampler})")
-
+    tracker = tracker if tracker is not None else _make_tracker(spec)
+    session = _Session(spec, progress, tracker, resumed)
+    if resumed:
+        session.open_study()
+        if session.budget_spent():
+            # Nothing to measure: no workers, no Ray; refresh the outputs from the storage.
+            return session.finish(stream)
+    factory = evaluator_factory or DefaultEvaluatorFactory.from_spec(spec)
+    target = _resolve_target(spec) if evaluator_factory is None else None
+    placement = Placement.for_target(target, spec.workers) if target is not None else Placement()
     started_ray = start_ray(spec.ray_address, num_cpus=max(os.cpu_count() or 1, spec.workers)
                             if spec.ray_address is None else None)
     pool: WorkerPool | None = None
-    driver: _Driver | None = None
-    interrupted = False
     try:
         pool = WorkerPool(factory, spec.workers, placement)
-        fresh = {"deaths": 0}
-
-        def startup_failure(event: PoolEvent) -> None:
-            info = event.payload or {}
-            if event.kind == "ready" and isinstance(info.get("error"), Exception):
-                raise info["error"]
-            reason = info.get("error_text") or event.reason
-            fresh["deaths"] += 1
-            if fresh["deaths"] >= MAX_FRESH_DEATHS:
-                raise StudyError(f"workers cannot start ({fresh['deaths']} attempts), last: {reason}")
-            progress.message(f"dsm-tune: worker failed to start: {reason}; retrying")
-            pool.replace(event.slot)
-
-        info = _wait_first_worker(pool, progress, startup_failure)
+        info = _wait_first_worker(pool, progress)
         fingerprint = ModelFingerprint.from_dict(info["fingerprint"])
-        try:
-            space = parse_space(space_text, fingerprint, space_source)
-        except SpaceError:
-            raise
-        storage = open_storage(study_dir)
-        study = optuna.create_study(storage=storage, study_name=spec.study, directions=list(DIRECTIONS),
-                                    sampler=make_sampler(spec.sampler, spec.seed, spec.workers), load_if_exists=True)
-        if resumed:
-            stored_fp = study.user_attrs.get("fingerprint")
-            if stored_fp is not None and ModelFingerprint.from_dict(stored_fp) != fingerprint:
-                raise StudyError(f"study {spec.study!r} was run on model {stored_fp} but the workers now load "
-                                 f"{fingerprint.to_dict()}")
-            study.set_user_attr("spec", {**stored_spec, **_budget_fields(spec)})
-        else:
-            study.set_user_attr("spec", spec.to_dict())
-            study.set_user_attr("fingerprint", fingerprint.to_dict())
-            study.set_user_attr("baseline", _json_safe(info.get("baseline") or {}))
-            study.set_user_attr("data_fingerprint", info.get("data_fingerprint"))
-            study.set_user_attr("versions", _versions())
-            study.set_user_attr("elapsed_s", 0.0)
-            (study_dir / SPACE_COPY).write_text(space_text)
-        (study_dir / SPEC_FILE).write_text(json.dumps(study.user_attrs["spec"], indent=2) + "\n")
-        recovered = _recover_stale(study, storage)
-        if recovered:
-            progress.message(f"dsm-tune: {recovered} trial(s) were running when the last run ended: marked failed "
-                             f"and queued again")
-        seeded = _enqueue_seeds(study, space)
-        if seeded:
-            progress.message(f"dsm-tune: queued {seeded} seed configs (dense, ToMe constant-r, DSM paper style)")
+        space = parse_space(space_text, fingerprint, space_source)
+        session.open_study()
+        session.record_setup(info, fingerprint, space_text)
+        session.prepare(space)
+        session.run(space, pool)
+    finally:
+        if pool is not None:
+            pool.cancel_all()
+        stop_ray(started_ray)
+    return session.finish(stream)
 
-        tracker = tracker if tracker is not None else _make_tracker(spec)
-        tracker.start_study(spec, study_dir, resumed)
-        elapsed_before = float(study.user_attrs.get("elapsed_s") or 0.0)
-        driver = _Driver(spec, study, storage, space, pool, tracker, progress, elapsed_before)
-        if driver.used >= spec.trials:
-            progress.message(f"dsm-tune: the budget of {spec.trials} trials is already spent "
-                             f"({driver.used} done); raise --trials to run more")
-        elif driver.timed_out():
-            progress.message(f"dsm-tune: the time budget of {format_duration(spec.timeout or 0)} is already spent "
-                             f"({format_duration(elapsed_before)}); raise --timeout to run more")
-        progress.update(force=True)
+
+class _Session:
+    """One run of the driver over a study: opening, setup attrs, the loop, and the final outputs."""
+
+    def __init__(self, spec: StudySpec, progress: Progress, tracker: Any, resumed: bool):
+        self.spec = spec
+        self.progress = progress
+        self.tracker = tracker
+        self.resumed = resumed
+        self.study: optuna.Study | None = None
+        self.storage: optuna.storages.RDBStorage | None = None
+        self.driver: _Driver | None = None
+        self.interrupted = False
+        self.tracking = False
+
+    def open_study(self) -> None:
+        if self.study is not None:
+            return
+        self.storage = open_storage(self.spec.study_dir)
+        self.study = optuna.create_study(storage=self.storage, study_name=self.spec.study,
+                                         directions=list(DIRECTIONS), load_if_exists=True,
+                                         sampler=make_sampler(self.spec.sampler, self.spec.seed, self.spec.workers))
+        if self.resumed:
+            stored = dict(self.study.user_attrs["spec"])
+            self.study.set_user_attr("spec", {**stored, **_budget_fields(self.spec)})
+        else:
+            self.study.set_user_attr("spec", self.spec.to_dict())
+        (self.spec.study_dir / SPEC_FILE).write_text(json.dumps(self.study.user_attrs["spec"], indent=2) + "\n")
+
+    def done_count(self) -> int:
+        return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in self.study.get_trials(deepcopy=False))
+
+    def budget_spent(self) -> bool:
+        elapsed = float(self.study.user_attrs.get("elapsed_s") or 0.0)
+        if self.done_count() >= self.spec.trials:
+            self.progress.message(f"dsm-tune: the budget of {self.spec.trials} trials is already spent; raise "
+                                  f"--trials to run more")
+            return True
+        if self.spec.timeout is not None and elapsed >= self.spec.timeout:
+            self.progress.message(f"dsm-tune: the time budget of {format_duration(self.spec.timeout)} is already "
+                                  f"spent ({format_duration(elapsed)}); raise --timeout to run more")
+            return True
+        return False
+
+    def record_setup(self, info: Mapping[str, Any], fingerprint: ModelFingerprint, space_text: str) -> None:
+        study = self.study
+        stored_fp = study.user_attrs.get("fingerprint")
+        if stored_fp is not None:
+            if ModelFingerprint.from_dict(stored_fp) != fingerprint:
+                raise StudyError(f"study {self.spec.study!r} was run on model {stored_fp} but the workers now load "
+                                 f"{fingerprint.to_dict()}")
+            return
+        study.set_user_attr("fingerprint", fingerprint.to_dict())
+        study.set_user_attr("baseline", _json_safe(info.get("baseline") or {}))
+        study.set_user_attr("data_fingerprint", info.get("data_fingerprint"))
+        study.set_user_attr("versions", _versions())
+        study.set_user_attr("elapsed_s", float(study.user_attrs.get("elapsed_s") or 0.0))
+        (self.spec.study_dir / SPACE_COPY).write_text(space_text)
+
+    def prepare(self, space: SearchSpace) -> None:
+        recovered = _recover_stale(self.study, self.storage)
+        if recovered:
+            self.progress.message(f"dsm-tune: {recovered} trial(s) were running when the last run ended: marked "
+                                  f"failed and queued again")
+        seeded = _enqueue_seeds(self.study, space)
+        if seeded:
+            self.progress.message(f"dsm-tune: queued {seeded} seed configs (dense, ToMe constant-r, DSM paper "
+                                  f"style)")
+
+    def run(self, space: SearchSpace, pool: WorkerPool) -> None:
+        self.tracker.start_study(self.spec, self.spec.study_dir, self.resumed)
+        self.tracking = True
+        elapsed_before = float(self.study.user_attrs.get("elapsed_s") or 0.0)
+        driver = self.driver = _Driver(self.spec, self.study, self.storage, space, pool, self.tracker,
+                                       self.progress, elapsed_before)
+        self.progress.update(force=True)
         try:
             driver.run()
         except KeyboardInterrupt:
-            interrupted = True
-            progress.close()
+            self.interrupted = True
+            self.progress.close()
             requeued = driver.interrupt()
-            progress.message(f"dsm-tune: interrupted; {requeued} running trial(s) marked failed and queued again")
-        progress.close()
-        study.set_user_attr("elapsed_s", round(driver.elapsed(), 3))
-        df, front, best_number, best_path, files = _finish_outputs(study, spec, progress)
-        tracker.refresh_artifacts(study_dir)
-        tracker.end_study(pareto_numbers(df))
-    finally:
-        if pool is not None and not interrupted:
-            pool.cancel_all()
-        stop_ray(started_ray)
-    out = stream
-    _print_front(df, front, spec, out)
-    done = int(df["state"].isin(["COMPLETE", "PRUNED"]).sum())
-    out.write(f"Study files in {study_dir}: " + ", ".join(p.name for p in files if p.exists()) + "\n")
-    if interrupted:
-        out.write(f"Interrupted: {done} finished trial(s) kept.\n")
-    if interrupted or (driver.stopped_by == "timeout" and done < spec.trials):
-        out.write(f"Resume with: dsm-tune run --study {spec.study} --out {spec.out}"
-                  + (" --timeout <more seconds>" if driver.stopped_by == "timeout" else "") + "\n")
-    out.flush()
-    return StudyResult(study_dir=study_dir, study_name=str(spec.study), trials_done=done,
-                       trials_measured_now=driver.measured_now, pareto=front, best_trial=best_number,
-                       best_path=best_path, files=[p for p in files if p.exists()], interrupted=interrupted,
-                       stopped_by="interrupt" if interrupted else driver.stopped_by)
+            self.progress.message(f"dsm-tune: interrupted; {requeued} unfinished trial(s) marked failed and "
+                                  f"queued again")
+        finally:
+            self.progress.close()
+            self.study.set_user_attr("elapsed_s", round(driver.elapsed(), 3))
+
+    def finish(self, stream: TextIO) -> StudyResult:
+        spec, study = self.spec, self.study
+        _recover_stale(study, self.storage)   # only when the budget was spent with trials left running
+        df, front, best_number, best_path, files = _finish_outputs(study, spec, self.progress)
+        if self.tracking:
+            self.tracker.refresh_artifacts(spec.study_dir)
+            self.tracker.end_study(pareto_numbers(df))
+        _print_front(df, front, spec, stream)
+        done = int(df["state"].isin(["COMPLETE", "PRUNED"]).sum()) if len(df) else 0
+        stopped_by = "interrupt" if self.interrupted else (self.driver.stopped_by if self.driver else "budget")
+        stream.write(f"Study files in {spec.study_dir}: " + ", ".join(p.name for p in files if p.exists()) + "\n")
+        if self.interrupted:
+            stream.write(f"Interrupted: {done} finished trial(s) kept.\n")
+        if self.interrupted or (stopped_by == "timeout" and done < spec.trials):
+            stream.write(f"Resume with: dsm-tune run --study {spec.study} --out {spec.out}"
+                         + (" --timeout <more seconds>" if stopped_by == "timeout" else "") + "\n")
+        stream.flush()
+        return StudyResult(study_dir=spec.study_dir, study_name=str(spec.study), trials_done=done,
+                           trials_measured_now=self.driver.measured_now if self.driver else 0, pareto=front,
+                           best_trial=best_number, best_path=best_path,
+                           files=[p for p in files if p.exists()], interrupted=self.interrupted,
+                           stopped_by=stopped_by)
 
 
 def _budget_fields(spec: StudySpec) -> dict[str, Any]:
@@ -850,12 +888,13 @@ def _space_text(spec: StudySpec, study_dir: Path, resumed: bool) -> tuple[str, P
         from dsm_tune.search.space import space_file_for
 
         source = space_file_for(spec.model)
-        try:
-            from dsm_tune.evaluation.models import resolve_model_name
+        if source.stem == "generic":
+            try:   # an alias may name a family the pattern list knows by its timm name
+                from dsm_tune.evaluation.models import resolve_model_name
 
-            source = space_file_for(resolve_model_name(spec.model)) if source.stem == "generic" else source
-        except Exception:  # an unknown model fails clearly when the worker builds it
-            pass
+                source = space_file_for(resolve_model_name(spec.model))
+            except Exception:  # an unknown model fails clearly when the worker builds it
+                pass
     try:
         return source.read_text(), source
     except FileNotFoundError:

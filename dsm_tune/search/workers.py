@@ -331,8 +331,8 @@ class WorkerPool:
         task = slot.task
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         what = type(exc).__name__
-        if "OutOfMemory" in what or "memory" in str(exc).lower() and "oom" in str(exc).lower():
-            what = "out of memory"
+        if isinstance(exc, self._ray.exceptions.OutOfMemoryError) or "running low on memory" in str(exc):
+            what = f"out of memory, {what}"
         reason = f"{slot.name} died {'while starting' if during_start else 'mid-trial'} ({what}: {first})"
         slot.ready_ref = slot.task_ref = slot.task = None
         slot.info = None
@@ -433,3 +433,4 @@ class StandInFactory:
 
 def is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
