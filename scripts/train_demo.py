@@ -37,15 +37,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=demo.ASSETS_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--train-limit", type=int, default=None, help="stratified subset of the train split")
+    parser.add_argument("--train-limit", type=int, default=36_000, help="stratified subset of the train split")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--patch-drop", type=float, default=0.75,
                         help="fraction of patch tokens dropped per image while training (FLIP-style speed-up)")
-    parser.add_argument("--full-token-fraction", type=float, default=0.15,
+    parser.add_argument("--full-token-fraction", type=float, default=0.12,
                         help="final fraction of the steps trained on all tokens, to close the train/eval gap")
     parser.add_argument("--threads", type=int, default=2, help="fixed so that float reductions are reproducible")
     parser.add_argument("--log-every", type=int, default=50)
