@@ -121,7 +121,8 @@ def render_table(doc: dict) -> str:
     grid = "x".join(str(v) for v in model["grid"])
     lines = [
         f"model    {model['name']}  ({model['num_blocks']} blocks, {grid} patch grid, "
-        f"{model['num_prefix_tokens']} prefix tokens, input {model['img_size'][0]}x{model['img_size'][1]})",
+        f"{model['num_prefix_tokens']} prefix token{'' if model['num_prefix_tokens'] == 1 else 's'}, "
+        f"input {model['img_size'][0]}x{model['img_size'][1]})",
         f"target   {target['name']}: {target['device']}, {target['dtype']}, batch {target['batch_size']}, "
         f"{'compiled' if target['compile'] else 'eager'}",
         f"data     {data['description'] if data else 'none (latency only)'}",
