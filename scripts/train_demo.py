@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="final fraction of the steps trained on all tokens, to close the train/eval gap")
     parser.add_argument("--threads", type=int, default=2, help="fixed so that float reductions are reproducible")
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="continue from these weights (a previous run's safetensors; its model card beside it "
+                             "is embedded in the new card as the previous stage)")
     parser.add_argument("--slice-only", action="store_true", help="only write the committed test slice")
     return parser.parse_args(argv)
 
@@ -115,6 +118,14 @@ def train(args: argparse.Namespace) -> None:
     # makes a ViT with 256 patches trainable on a shared 2-core CPU; it has no weights, so the state dict is the
     # plain architecture's.
     model = demo.dsm_tune_demo_vit(pretrained=False, patch_drop_rate=args.patch_drop).train()
+    previous_stage = None
+    if args.init_from is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(args.init_from)), strict=True)
+        previous_card = args.init_from.with_suffix(".json")
+        previous_stage = json.loads(previous_card.read_text()) if previous_card.is_file() else str(args.init_from)
+        print(f"continuing from {args.init_from}", flush=True)
     num_params = sum(p.numel() for p in model.parameters())
     print(f"model {demo.DEMO_MODEL_NAME}: {demo.DEMO_ARCHITECTURE} - {num_params} parameters", flush=True)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
@@ -208,6 +219,8 @@ def train(args: argparse.Namespace) -> None:
             "train_seconds": round(train_seconds, 1),
             "hardware": f"{platform.processor() or platform.machine()} CPU, {args.threads} threads",
             "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
+            "command": "python scripts/train_demo.py " + " ".join(sys.argv[1:]),
+            "initialized_from": previous_stage,
         },
         "test_accuracy_full": round(test_acc, 2),
         "test_accuracy_slice": round(slice_acc, 2),

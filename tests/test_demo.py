@@ -202,3 +202,31 @@ def test_idx_reader_rejects_count_mismatch(tmp_path):
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(29, dtype=np.uint8))
     with pytest.raises(demo.FashionMNISTError, match="30 images but 29 labels"):
         demo.load_fashion_mnist("test", tmp_path)
+
+
+# --- training script ----------------------------------------------------------------------------------------------
+
+
+def _load_train_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo.py"
+    spec = importlib.util.spec_from_file_location("train_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_script_writes_the_stratified_slice_and_reports_missing_data(tmp_path, capsys):
+    script = _load_train_script()
+    data_root = tmp_path / "fmnist"
+    data_root.mkdir()
+    images, labels = _fake_split(data_root, n=2100)
+    assert script.main(["--data-root", str(data_root), "--out-dir", str(tmp_path / "out"), "--slice-only"]) == 0
+    with np.load(tmp_path / "out" / demo.DEMO_SLICE_PATH.name, allow_pickle=False) as archive:
+        indices = archive["test_indices"]
+        assert np.array_equal(indices, demo.stratified_indices(labels, demo.DEMO_SLICE_PER_CLASS, demo.DEMO_SLICE_SEED))
+        assert np.array_equal(archive["images"], images[indices]) and archive["labels"].dtype == np.int64
+
+    assert script.main(["--data-root", str(tmp_path / "absent"), "--out-dir", str(tmp_path / "out2")]) == 2
+    assert "train_demo: error: Fashion-MNIST file t10k-images-idx3-ubyte[.gz] not found" in capsys.readouterr().err
