@@ -129,13 +129,13 @@ def test_demo_model_end_to_end(capsys, tmp_path, data):
     document = merge_document(start_layer=1, stages=((2, 0.25), (3, 0.25)), depth=1)
     config = tmp_path / "demo.json"
     config.write_text(json.dumps(document))
-    argv = ["measure", "--model", "demo", "--device", "cpu", "--config", str(config), "--json", "--limit", "200",
+    argv = ["measure", "--model", "demo", "--device", "cpu", "--config", str(config), "--json", "--limit", "100",
             "--cache-dir", str(tmp_path), *FAST] + (["--data", data] if data else [])
     code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["metric"] == "top1" and doc["num_images"] == 200
-    assert doc["dense"]["metric_value"] > 70.0  # a trained model, far above the 10 % of chance
+    assert doc["metric"] == "top1" and doc["num_images"] == 100
+    assert doc["dense"]["metric_value"] > 40.0  # a trained model, far above the 10 % of chance
     assert doc["accuracy_drop"] == pytest.approx(doc["dense"]["metric_value"] - doc["merged"]["metric_value"])
     assert doc["merged"]["tokens_per_block"][0] == 256 and doc["merged"]["tokens_per_block"][-1] < 256
     assert ("slice" in doc["data"]["description"]) == (data is None)

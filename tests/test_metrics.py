@@ -209,3 +209,21 @@ def test_real_backbone_feature_metric(shared_assets, tmp_path):
                                           stages=[Stage(4, ratio=0.2), Stage(4, ratio=0.2)]))
     result = evaluator.evaluate(merged)
     assert 0.0 < result.drop < 10.0 and result.extra["mean_cosine"] > 0.9
+
+
+@pytest.mark.slow
+def test_demo_slice_accuracy_matches_the_model_card():
+    """Our data path (slice -> PIL -> the model's timm transform) reproduces what the training script recorded."""
+    import json
+
+    from dsm_tune.evaluation import demo
+    from dsm_tune.evaluation.data import load_data
+    from dsm_tune.evaluation.models import build_model
+
+    if not (demo.DEMO_WEIGHTS_PATH.is_file() and demo.DEMO_MODEL_CARD_PATH.is_file()):
+        pytest.skip("the demo model's weights are not committed yet")
+    card = json.loads(demo.DEMO_MODEL_CARD_PATH.read_text())
+    model = build_model("demo")
+    evaluator = AccuracyEvaluator(model, load_data("demo-fashion-mnist", model), batch_size=500)
+    assert evaluator.metric == "top1" and evaluator.data.num_images == card["slice"]["images"]
+    assert evaluator.baseline_value == pytest.approx(card["test_accuracy_slice"], abs=0.051)
