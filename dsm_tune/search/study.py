@@ -738,6 +738,9 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Any] | None, tr
     try:
         pool = WorkerPool(factory, spec.workers, placement)
         info = _wait_first_worker(pool, progress)
+        if (info.get("baseline") or {}).get("metric") is None:
+            raise StudyError(f"model {spec.model} has no evaluation data, so no accuracy can be measured: give "
+                             f"--data (an image folder or a named data set)")
         fingerprint = ModelFingerprint.from_dict(info["fingerprint"])
         space = parse_space(space_text, fingerprint, space_source)
         session.open_study()

@@ -142,33 +142,28 @@ class TrialWorker:
         self.guard = TimingGuard() if guard_timing else None
         self.evaluator = None
         self.init_error: BaseException | None = None
-        self.init_trace = ""
         started = time.perf_counter()
-        # Building the evaluator measures the dense baseline (and fills the shared dense-output cache): on a CPU
-        # host that is timing too, so workers start one after another.
+        self.info: dict[str, Any] = {"name": name, "host": self.host, "pid": self.pid}
+        # Building the evaluator and reading its baseline measure the dense model (and fill the shared dense-output
+        # cache): on a CPU host that is timing too, so workers start one after another.
         startup_guard = self.guard.timing() if self.guard is not None else contextlib.nullcontext()
         try:
             with startup_guard:
                 self.evaluator = factory()
+                baseline = dict(getattr(self.evaluator, "baseline", {}) or {})
+            self.info["fingerprint"] = self.evaluator.fingerprint.to_dict()
+            self.info["baseline"] = baseline
+            self.info["data_fingerprint"] = (getattr(self.evaluator, "data_fingerprint", None)
+                                             or baseline.get("data_fingerprint"))
         except Exception as exc:  # reported by describe(); the driver decides
             self.init_error = exc
-            self.init_trace = traceback.format_exc(limit=-3)
-        self.init_seconds = time.perf_counter() - started
+            self.info["error"] = exc if isinstance(exc, DSMTuneError) else None
+            self.info["error_text"] = f"{type(exc).__name__}: {exc}"
+            self.info["trace"] = traceback.format_exc(limit=-3)
+        self.info["init_seconds"] = time.perf_counter() - started
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"name": self.name, "host": self.host, "pid": self.pid,
-                                "init_seconds": self.init_seconds}
-        if self.init_error is not None:
-            info["error"] = self.init_error if isinstance(self.init_error, DSMTuneError) else None
-            info["error_text"] = f"{type(self.init_error).__name__}: {self.init_error}"
-            info["trace"] = self.init_trace
-            return info
-        evaluator = self.evaluator
-        info["fingerprint"] = evaluator.fingerprint.to_dict()
-        baseline = dict(getattr(evaluator, "baseline", {}) or {})
-        info["baseline"] = baseline
-        info["data_fingerprint"] = getattr(evaluator, "data_fingerprint", None) or baseline.get("data_fingerprint")
-        return info
+        return self.info
 
     def evaluate(self, cfg: DSMConfig) -> dict[str, Any]:
         """Measure one config. Exceptions come back as {"error": ...} so the actor stays usable."""
