@@ -401,9 +401,12 @@ class MlflowTracker:
             ROLE_TAG: "study", STUDY_TAG: self.study_name, "model": model, "target": target,
             "versions.dsm_tune": versions.get("dsm_tune"), "versions.timm": versions.get("timm"),
             "versions.torch": versions.get("torch"),
-            "search_space": _first(spec, "space", "space_file", "search_space"),
-            "sampler": _first(spec, "sampler"), "data": _first(spec, "data", "data_spec"),
-            "data_fingerprint": attrs.get("data_fingerprint"), "metric": _first(spec, "metric"),
+            # None in the spec means "the default": the space file of the model family (copied to the
+            # space.yaml artifact), the model's own data, the metric its data allows.
+            "search_space": _first(spec, "space", "space_file", "search_space") or "default (artifact space.yaml)",
+            "sampler": _first(spec, "sampler"), "data": _first(spec, "data", "data_spec") or "model default",
+            "data_fingerprint": attrs.get("data_fingerprint"),
+            "metric": _first(spec, "metric") or (attrs.get("baseline") or {}).get("metric"),
             "max_accuracy_drop": _first(spec, "max_accuracy_drop"), "study_dir": str(self.study_dir.resolve()),
             "mlflow.note.content": self._note(model, target, spec),
         }
