@@ -268,3 +268,32 @@ def test_second_driver_on_the_same_study_is_refused(tmp_path):
     with FileLock(str(spec.study_dir / ".lock")):
         with pytest.raises(StudyError, match="being run by another dsm-tune process"):
             _run(spec)
+
+
+@pytest.mark.slow
+def test_dsm_tune_run_on_the_demo_model_writes_a_best_config_that_applies(tmp_path, capsys):
+    """The real evaluator end to end through the CLI: demo model, embedded data, one worker, a tiny budget."""
+    import torch
+
+    from dsm_tune.cli import main
+    from dsm_tune.evaluation.models import build_model
+    from dsm_tune.merging import apply_dsm, load_config, token_schedule
+
+    code = main(["run", "--model", "demo", "--device", "cpu", "--trials", "3", "--workers", "1", "--limit", "64",
+                 "--out", str(tmp_path), "--no-mlflow"])
+    output = capsys.readouterr().out
+    assert code == 0, output
+    study_dir = tmp_path / "demo-cpu"
+    assert "Pareto front" in output and str(study_dir) in output
+    study = load_study(study_dir)
+    finished = _finished(study)
+    assert len(finished) == 3 and {t.user_attrs["seed_kind"] for t in finished} <= SEED_KINDS
+    assert all(t.user_attrs["num_images"] == 64 and t.user_attrs["metric"] == "top1" for t in finished)
+    config = load_config(study_dir / "best.json")
+    assert config.metrics["accuracy_drop"] <= 1.0
+    model = build_model("demo")
+    apply_dsm(model, config)
+    with torch.inference_mode():
+        logits = model(torch.randn(2, 1, 32, 32))
+    assert logits.shape == (2, 10)
+    assert len(token_schedule(config)) == len(model.blocks)
