@@ -148,6 +148,11 @@ def test_missing_slice_raises_demo_asset_error(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "DEMO_SLICE_PATH", tmp_path / "gone.npz")
     with pytest.raises(demo.DemoAssetError, match="gone.npz"):
         demo.load_demo_slice()
+    broken = tmp_path / "broken.npz"
+    np.savez(broken, images=np.zeros((1, 28, 28), dtype=np.uint8))  # no labels
+    monkeypatch.setattr(demo, "DEMO_SLICE_PATH", broken)
+    with pytest.raises(demo.DemoAssetError, match="broken.npz is unreadable"):
+        demo.load_demo_slice()
 
 
 # --- IDX reader ---------------------------------------------------------------------------------------------------

@@ -209,6 +209,16 @@ def stratified_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndar
 
 def load_demo_slice() -> tuple[np.ndarray, np.ndarray]:
     """The committed Fashion-MNIST test slice: uint8 (2000, 28, 28) images and int64 labels."""
+    images, labels, _ = _read_slice_archive()
+    return images, labels
+
+
+def demo_slice_indices() -> np.ndarray:
+    """Positions in the Fashion-MNIST test split of the committed slice's images (their provenance)."""
+    return _read_slice_archive()[2]
+
+
+def _read_slice_archive() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not DEMO_SLICE_PATH.is_file():
         raise DemoAssetError(
             f"demo data slice not found at {DEMO_SLICE_PATH}; reinstall dsm-tune or regenerate it with "
@@ -216,15 +226,7 @@ def load_demo_slice() -> tuple[np.ndarray, np.ndarray]:
         )
     try:
         with np.load(DEMO_SLICE_PATH, allow_pickle=False) as archive:
-            images, labels = archive["images"], archive["labels"]
+            images, labels, indices = archive["images"], archive["labels"], archive["test_indices"]
     except (OSError, ValueError, KeyError) as exc:
         raise DemoAssetError(f"demo data slice at {DEMO_SLICE_PATH} is unreadable: {exc}") from None
-    return images, labels.astype(np.int64)
-
-
-def demo_slice_indices() -> np.ndarray:
-    """Positions in the Fashion-MNIST test split of the committed slice's images (their provenance)."""
-    if not DEMO_SLICE_PATH.is_file():
-        raise DemoAssetError(f"demo data slice not found at {DEMO_SLICE_PATH}")
-    with np.load(DEMO_SLICE_PATH, allow_pickle=False) as archive:
-        return archive["test_indices"].astype(np.int64)
+    return images, labels.astype(np.int64), indices.astype(np.int64)
