@@ -14,7 +14,7 @@ from dsm_tune.cli import main as cli_main
 from dsm_tune.commands.ui import ui_command
 from dsm_tune.search.results import pareto_numbers, trials_frame
 from dsm_tune.search.tracking import PENDING_NAME, MlflowTracker, trial_record
-from .mlflow_helpers import copy_store, free_port, make_empty_store, rest, running_server
+from .mlflow_helpers import free_port, make_empty_store, rest, running_server
 from .synthetic_study import create_study, populate, spec_dict
 
 
@@ -41,7 +41,7 @@ def test_ui_refusals_and_remote_store(tmp_path, capsys):
 @pytest.mark.slow
 def test_ui_serves_the_studies_over_rest(tmp_path):
     """A real `mlflow ui` (as `dsm-tune ui` starts it) over a store the tracker wrote."""
-    uri = copy_store(make_empty_store(tmp_path / "runs"), tmp_path / "runs")
+    uri = f"sqlite:///{make_empty_store(tmp_path / 'runs').resolve()}"  # where the tracker's default store is
     study, study_dir = create_study(tmp_path / "runs", "served")
     populate(study)
     tracker = MlflowTracker(out=tmp_path / "runs")
