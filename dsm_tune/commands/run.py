@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -57,10 +56,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=main)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def build_spec(args: argparse.Namespace):
     from dsm_tune.search.study import DEFAULT_SAMPLER, StudyError, StudySpec, resume_spec
 
@@ -94,15 +89,10 @@ def main(args: argparse.Namespace) -> int:
     from dsm_tune.search.study import run_study
 
     spec = build_spec(args)
-    # A `kill` (SIGTERM) stops the study as cleanly as Ctrl-C does.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        result = run_study(spec, stream=sys.stdout)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    result = run_study(spec, stream=sys.stdout)   # SIGTERM, like Ctrl-C, stops it cleanly
     if result.interrupted:
         return 130   # run_study has said what was kept and how to resume
     if result.best_path is not None:
-        print(f"Best config (fastest within {spec.max_accuracy_drop:g} points): trial {result.best_trial} -> "
+        print(f"Best config (fastest with accuracy drop <= {spec.max_accuracy_drop:g}): trial {result.best_trial} -> "
               f"{result.best_path}")
     return 0

@@ -14,7 +14,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -734,6 +736,9 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Any] | None, tr
     placement = Placement.for_target(target, spec.workers) if target is not None else Placement()
     started_ray = start_ray(spec.ray_address, num_cpus=max(os.cpu_count() or 1, spec.workers)
                             if spec.ray_address is None else None)
+    # Ray installs a fatal-signal handler for SIGTERM that ends the process on the spot; a `kill` should stop the
+    # study as cleanly as Ctrl-C does (running trials failed and queued again), so take SIGTERM back.
+    restore_sigterm = _sigterm_as_interrupt()
     pool: WorkerPool | None = None
     try:
         pool = WorkerPool(factory, spec.workers, placement)
@@ -751,7 +756,20 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Any] | None, tr
         if pool is not None:
             pool.cancel_all()
         stop_ray(started_ray)
+        restore_sigterm()
     return session.finish(stream)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Make SIGTERM raise KeyboardInterrupt (main thread only); returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 class _Session:
