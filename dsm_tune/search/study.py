@@ -224,7 +224,6 @@ class DefaultEvaluatorFactory:
     pretrained: bool
     max_drop: float | None
     cache_dir: str | None
-    threads: int | None
 
     @classmethod
     def from_spec(cls, spec: StudySpec) -> "DefaultEvaluatorFactory":
@@ -234,8 +233,7 @@ class DefaultEvaluatorFactory:
                    checkpoint=spec.checkpoint, pretrained=spec.pretrained,
                    max_drop=ABORT_FACTOR * spec.max_accuracy_drop if spec.max_accuracy_drop > 0 else None,
                    # The dense-output cache is on the driver's disk: only local workers can share it.
-                   cache_dir=str((spec.out / "cache").resolve()) if local else None,
-                   threads=None)
+                   cache_dir=str((spec.out / "cache").resolve()) if local else None)
 
     def __call__(self) -> Any:
         import torch
@@ -247,7 +245,7 @@ class DefaultEvaluatorFactory:
         if target.device == "cpu":
             # Ray sets each actor to one thread (its CPU share); a CPU target is timed on the whole host, which
             # the timing guard gives to one worker at a time.
-            torch.set_num_threads(self.threads or os.cpu_count() or 1)
+            torch.set_num_threads(os.cpu_count() or 1)
         kwargs: dict[str, Any] = {"metric": self.metric, "limit": self.limit, "checkpoint": self.checkpoint,
                                   "cache_dir": Path(self.cache_dir) if self.cache_dir else None,
                                   "max_drop": self.max_drop}
