@@ -281,8 +281,11 @@ class _Task:
     started: float = field(default_factory=time.monotonic)
 
 
-RESULT_KEYS = ("metric", "metric_value", "accuracy_drop", "aborted", "latency_ms", "latency_iqr_ms",
-               "baseline_latency_ms", "speedup", "flops_ratio", "tokens_kept", "num_images", "eval_seconds")
+# Trial user attrs the driver owns; everything else a trial holds came from its evaluator.
+DRIVER_ATTRS = frozenset({"worker", "duplicate_of", "config", "config_key", "plan_key", "seed_kind", "constraint",
+                          "requeued_from", "merge_form", "fail_reason"})
+# Attrs about one particular evaluation run, not about the config: not copied onto a duplicate.
+RUN_ATTRS = frozenset({"wall_seconds", "lock_wait_s"})
 
 
 def _json_safe(value: Any) -> Any:
@@ -370,9 +373,8 @@ class _Driver:
                      wall_s: float | None = None) -> None:
         trial = task.trial
         for key, value in result.items():
-            if key in ("worker", "duplicate_of", "config", "config_key", "plan_key", "seed_kind", "constraint"):
-                continue
-            trial.set_user_attr(key, _json_safe(value))
+            if key not in DRIVER_ATTRS:
+                trial.set_user_attr(key, _json_safe(value))
         trial.set_user_attr("worker", worker)
         if wall_s is not None:
             trial.set_user_attr("wall_seconds", round(wall_s, 3))
@@ -387,10 +389,10 @@ class _Driver:
         if measured:
             self.study.tell(trial, [float(drop), float(latency)])
         else:
-            if not result.get("fail_reason"):
-                trial.set_user_attr("fail_reason", "aborted early: the accuracy drop could not stay within "
-                                    f"{ABORT_FACTOR:g}x the limit" if result.get("aborted") else
-                                    "no accuracy drop/latency measured")
+            reason = result.get("fail_reason") or (
+                f"aborted early: the accuracy drop could not stay within {ABORT_FACTOR:g}x the limit"
+                if result.get("aborted") else "no accuracy drop/latency measured")
+            trial.set_user_attr("fail_reason", reason)
             self.study.tell(trial, state=TrialState.PRUNED)
         self.used += 1
         self._after_tell(trial.number)
@@ -442,7 +444,7 @@ class _Driver:
 
     def _copy_from(self, task: _Task, earlier: optuna.trial.FrozenTrial) -> None:
         """Settle a duplicate with the earlier measurement instead of measuring again."""
-        result = {k: earlier.user_attrs[k] for k in RESULT_KEYS if k in earlier.user_attrs}
+        result = {k: v for k, v in earlier.user_attrs.items() if k not in DRIVER_ATTRS | RUN_ATTRS}
         if earlier.state == TrialState.PRUNED:
             result["fail_reason"] = earlier.user_attrs.get("fail_reason") or "pruned"
             result.setdefault("aborted", True)
