@@ -100,7 +100,9 @@ def test_token_counts_per_block_match_the_config(family):
     assert counts == [prefix + n for n in token_schedule(config)]
     # Every patch is still represented exactly once: sizes add up to the grid, prefix tokens hold none.
     sizes = model.blocks.last_sizes
-    assert torch.allclose(sizes.sum(dim=1).squeeze(-1), torch.full((2,), 16.0))
+    assert sizes.shape == (2, prefix + merge_report(model, config)["final_tokens"])
+    assert torch.equal(sizes[:, :prefix], torch.ones(2, prefix))
+    assert torch.allclose(sizes[:, prefix:].sum(dim=1), torch.full((2,), 16.0))
 
 
 @pytest.mark.parametrize("family", ["vit", "registers", "deit_distilled"])
@@ -191,14 +193,14 @@ def test_window_merging_never_pairs_across_windows():
     count = grid[0] * grid[1]
     permutation = window_order(grid, depth)
     tokens = torch.eye(count)[permutation][None]  # row i: one-hot of the patch now at position i
-    sizes = torch.ones(1, count, 1)
+    sizes = torch.ones(1, count)
     # Random keys per patch: the best partner overall is usually in another window.
     patch_keys = torch.randn(count, 16)
     expected_count = count
     for level, per_window in [(2, 2), (1, 3), (0, 10)]:
         windows = 4 ** level
         keys = tokens @ patch_keys  # a merged token's key: the mean of its members' keys
-        tokens, sizes = bipartite_merge(tokens, sizes, keys, windows, per_window, a_starts_at=1)
+        tokens, sizes = bipartite_merge(tokens, sizes, keys, 0, windows, per_window, a_starts_at=1)
         expected_count -= windows * per_window
         assert tokens.shape[1] == expected_count
         side = 2 ** level
@@ -248,7 +250,7 @@ def test_size_weighted_average_pooling():
     model = build("vit_avg_pool")
     apply_dsm(model, DSMConfig.for_model(model, start_layer=0, hierarchy_depth=0, stages=[Stage(4, ratio=0.5)]))
     features = torch.randn(2, 3, 8)
-    model.blocks.last_sizes = torch.tensor([[[1.0], [3.0], [12.0]]] * 2)
+    model.blocks.last_sizes = torch.tensor([[1.0, 3.0, 12.0]] * 2)  # no prefix tokens in this model
     pooled = model.pool(features)
     expected = (features * torch.tensor([1.0, 3.0, 12.0])[None, :, None]).sum(1) / 16
     assert torch.allclose(pooled, expected)

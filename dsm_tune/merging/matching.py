@@ -33,40 +33,60 @@ def window_order(grid: tuple[int, int], depth: int) -> torch.Tensor:
 
 
 def bipartite_merge(
-    tokens: torch.Tensor,
+    x: torch.Tensor,
     sizes: torch.Tensor,
     keys: torch.Tensor,
+    num_prefix: int,
     windows: int,
     merge_per_window: int,
     a_starts_at: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge `merge_per_window` tokens in each of `windows` contiguous windows.
+    """Merge `merge_per_window` patch tokens in each of `windows` contiguous windows; prefix tokens stay as they are.
 
-    tokens: (B, N, C) patch tokens; sizes: (B, N, 1) patches each token stands for; keys: (B, N, D) matching
-    features. Set A holds the positions `a_starts_at, a_starts_at + 2, ...` of each window (0 or 1, chosen by the
-    caller so that a single class token in front reproduces ToMe's split). Returns the merged tokens and sizes,
-    (B, windows * (T - r), ...), per window the unmerged A tokens in their original order, then the B tokens.
+    x: (B, P + N, C) the whole sequence, P protected prefix tokens first; sizes: (B, P + N) patches each token
+    stands for (1 for prefix tokens); keys: (B, P + N, D) matching features. Set A holds the positions
+    `a_starts_at, a_starts_at + 2, ...` of each window (0 or 1, chosen by the caller so that a single class token in
+    front reproduces ToMe's split). Returns the sequence and sizes with `windows * merge_per_window` fewer tokens:
+    the prefix, then per window its unmerged A tokens in their original order followed by its B tokens.
+
+    The token tensor is read once by a single gather; only the merged tokens and their partners are touched
+    again. On small models the merge is memory-bound, so passes over the whole sequence are what it costs.
     """
-    batch, count, channels = tokens.shape
-    per_window = count // windows
+    batch, total, channels = x.shape
+    per_window = (total - num_prefix) // windows
     r = merge_per_window
-    keys = keys / keys.norm(dim=-1, keepdim=True)
-    keys = keys.reshape(batch, windows, per_window, -1)
+    device = x.device
     b_starts_at = 1 - a_starts_at
-    keys_a, keys_b = keys[:, :, a_starts_at::2], keys[:, :, b_starts_at::2]
-    scores = keys_a @ keys_b.transpose(-1, -2)
-    best_score, best_partner = scores.max(dim=-1)
-    ranked = best_score.argsort(dim=-1, descending=True)[..., None]
-    kept_a = ranked[:, :, r:].sort(dim=-2).values
-    merged_a = ranked[:, :, :r]
-    partner = best_partner[..., None].gather(dim=-2, index=merged_a)
 
-    weighted = torch.cat([tokens * sizes, sizes], dim=-1).reshape(batch, windows, per_window, channels + 1)
-    side_a, side_b = weighted[:, :, a_starts_at::2], weighted[:, :, b_starts_at::2]
-    width = channels + 1
-    unmerged = side_a.gather(dim=-2, index=kept_a.expand(-1, -1, -1, width))
-    sources = side_a.gather(dim=-2, index=merged_a.expand(-1, -1, -1, width))
-    destinations = side_b.scatter_reduce(dim=-2, index=partner.expand(-1, -1, -1, width), src=sources, reduce="sum")
-    merged = torch.cat([unmerged, destinations], dim=-2).reshape(batch, windows * (per_window - r), width)
-    new_sizes = merged[..., channels:]
-    return merged[..., :channels] / new_sizes, new_sizes
+    patch_keys = keys[:, num_prefix:]
+    patch_keys = (patch_keys / patch_keys.norm(dim=-1, keepdim=True)).reshape(batch, windows, per_window, -1)
+    scores = patch_keys[:, :, a_starts_at::2] @ patch_keys[:, :, b_starts_at::2].transpose(-1, -2)
+    count_a, count_b = scores.shape[-2], scores.shape[-1]
+    best_score, best_partner = scores.max(dim=-1)
+    ranked = best_score.argsort(dim=-1, descending=True)
+    kept_a = ranked[..., r:].sort(dim=-1).values
+    merged_a = ranked[..., :r]
+    partner = best_partner.gather(dim=-1, index=merged_a)
+
+    window_start = num_prefix + torch.arange(windows, device=device)[:, None] * per_window
+    kept_a_positions = window_start + a_starts_at + 2 * kept_a
+    b_positions = (window_start + b_starts_at + 2 * torch.arange(count_b, device=device)).expand(batch, -1, -1)
+    prefix_positions = torch.arange(num_prefix, device=device).expand(batch, -1)
+    keep = torch.cat([prefix_positions, torch.cat([kept_a_positions, b_positions], dim=-1).reshape(batch, -1)], 1)
+    merged = x.gather(1, keep[..., None].expand(-1, -1, channels))
+    merged_sizes = sizes.gather(1, keep)
+
+    source_positions = (window_start + a_starts_at + 2 * merged_a).reshape(batch, -1)
+    new_window_start = num_prefix + torch.arange(windows, device=device)[:, None] * (per_window - r)
+    partner_positions = (new_window_start + (count_a - r) + partner).reshape(batch, -1)
+    source_sizes = sizes.gather(1, source_positions)
+    weighted_sources = x.gather(1, source_positions[..., None].expand(-1, -1, channels)) * source_sizes[..., None]
+    partner_index = partner_positions[..., None].expand(-1, -1, channels)
+    # A partner may receive several sources; the rewrites below write equal values for repeated indices.
+    partner_sizes = merged_sizes.gather(1, partner_positions)
+    merged.scatter_(1, partner_index, merged.gather(1, partner_index) * partner_sizes[..., None])
+    merged.scatter_add_(1, partner_index, weighted_sources)
+    merged_sizes.scatter_add_(1, partner_positions, source_sizes)
+    merged.scatter_(1, partner_index,
+                    merged.gather(1, partner_index) / merged_sizes.gather(1, partner_positions)[..., None])
+    return merged, merged_sizes

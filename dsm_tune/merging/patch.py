@@ -107,8 +107,9 @@ class DSMBlockStack(nn.Sequential):
         self.a_starts_at = self.num_prefix % 2
         if config.hierarchy_depth > 0:
             device = next(iter(blocks.parameters())).device
-            permutation = window_order(fingerprint.grid, config.hierarchy_depth).to(device)
-            self.register_buffer("window_permutation", permutation, persistent=False)
+            patch_order = window_order(fingerprint.grid, config.hierarchy_depth) + self.num_prefix
+            sequence_order = torch.cat([torch.arange(self.num_prefix), patch_order]).to(device)
+            self.register_buffer("window_permutation", sequence_order, persistent=False)
         else:
             self.window_permutation = None
         self.last_sizes: torch.Tensor | None = None
@@ -118,7 +119,7 @@ class DSMBlockStack(nn.Sequential):
             raise RuntimeError(
                 f"DSM was configured for {self.num_patches} patch tokens but the blocks received "
                 f"{x.shape[1] - self.num_prefix}; feed images of the size the config was tuned for")
-        sizes: torch.Tensor | None = None
+        sizes: torch.Tensor | None = None  # (B, prefix + patches); None while every token is one patch
         windows_arranged = False
         for block, plan in zip(self, self.plans):
             size_aware = sizes is not None and self.config.proportional_attention
@@ -126,26 +127,19 @@ class DSMBlockStack(nn.Sequential):
                 x = block(x)
                 continue
             if not windows_arranged and self.window_permutation is not None:
-                prefix, patches = x[:, :self.num_prefix], x[:, self.num_prefix:]
-                x = torch.cat([prefix, patches[:, self.window_permutation]], dim=1)
+                x = x.index_select(1, self.window_permutation)
                 if sizes is not None:
-                    sizes = sizes[:, self.window_permutation]
+                    sizes = sizes.index_select(1, self.window_permutation)
                 windows_arranged = True
-            log_sizes = None
-            if size_aware:
-                prefix_zeros = sizes.new_zeros(sizes.shape[0], self.num_prefix)
-                log_sizes = torch.cat([prefix_zeros, sizes[..., 0].log()], dim=1)
+            log_sizes = sizes.log() if size_aware else None
             attended, keys = _attention_with_keys(block.attn, block.norm1(x), log_sizes,
                                                   want_keys=plan.merge_per_window > 0)
             x = x + block.drop_path1(block.ls1(attended))
             if plan.merge_per_window > 0:
                 if sizes is None:
-                    sizes = x.new_ones(x.shape[0], x.shape[1] - self.num_prefix, 1)
-                prefix = x[:, :self.num_prefix]
-                patches, sizes = bipartite_merge(
-                    x[:, self.num_prefix:], sizes, keys[:, self.num_prefix:], plan.windows,
-                    plan.merge_per_window, self.a_starts_at)
-                x = torch.cat([prefix, patches], dim=1)
+                    sizes = x.new_ones(x.shape[0], x.shape[1])
+                x, sizes = bipartite_merge(x, sizes, keys, self.num_prefix, plan.windows,
+                                           plan.merge_per_window, self.a_starts_at)
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         self.last_sizes = sizes
         return x
@@ -161,11 +155,10 @@ def _size_weighted_pool(model: nn.Module, stack: DSMBlockStack):
         if pool_type != "avg" or sizes is None:
             return original_pool(x, pool_type=pool_type)
         prefix = stack.num_prefix
-        weights = sizes[..., 0]
-        tokens = x[:, prefix:]
         if getattr(model, "pool_include_prefix", False):
-            weights = torch.cat([weights.new_ones(weights.shape[0], prefix), weights], dim=1)
-            tokens = x
+            weights, tokens = sizes, x
+        else:
+            weights, tokens = sizes[:, prefix:], x[:, prefix:]
         weights = weights.to(x.dtype)
         return (tokens * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
 
