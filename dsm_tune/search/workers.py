@@ -190,9 +190,6 @@ class TrialWorker:
         with self.guard.timing():
             return dict(evaluate(cfg))
 
-    def ping(self) -> str:
-        return self.name
-
 
 @dataclass
 class Placement:
