@@ -193,7 +193,7 @@ class AccuracyEvaluator:
 
     def _baseline(self) -> float:
         if self.metric == "top1":
-            return 100.0 * self._dense_correct.float().mean().item()
+            return 100.0 * int(self._dense_correct.sum()) / len(self._dense_correct)
         return 100.0 if self.metric == "agreement" else 0.0
 
     # -- scoring a merged model -------------------------------------------------------------------------------------
