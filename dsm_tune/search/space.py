@@ -9,6 +9,19 @@ Stage lengths are sampled by stick breaking: stage `i` (all but the last) takes 
 the blocks still unassigned, at least one block, leaving one for each later stage; the last stage takes the rest.
 Every sampled point is therefore a valid split, and a given split has exactly one parameter vector
 (`params_for`).
+
+Keys of a space file (ranges are `[low, high]`, inclusive, or a single value to fix the parameter):
+
+    start_layer: [0, 6]             # dense blocks before merging starts; or instead
+    start_layer_fraction: [0, 0.5]  #   fractions of the model's block count (one file for any depth)
+    hierarchy_depth: [0, 3]         # window levels (4**D finest windows); clipped to what the patch grid allows
+    num_stages: [1, 3]              # stages after the delay (more than the blocks left: one per block)
+    stage_ratio: [0.0, 0.4]         # per-block merge ratio of every stage, or one [low, high] per stage
+    ratio_step: 0.01                # grid of the sampled ratios (default 0.01)
+    stage_split: [0.0, 1.0]         # share of the unassigned blocks a stage takes (default [0, 1])
+    proportional_attention: [true, false]
+    constraints: {min_tokens_kept: 0.05}   # configs keeping fewer patch tokens are not measured (PRUNED)
+    description: free text
 """
 
 from __future__ import annotations
