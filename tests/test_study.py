@@ -297,3 +297,18 @@ def test_dsm_tune_run_on_the_demo_model_writes_a_best_config_that_applies(tmp_pa
         logits = model(torch.randn(2, 1, 32, 32))
     assert logits.shape == (2, 10)
     assert len(token_schedule(config)) == len(model.blocks)
+
+
+def test_latency_objective_cancels_drift_between_trials():
+    """Two trials timed while the machine drifted (raw medians 80 ms and 40 ms) but with the same interleaved
+    speedup must get the same latency objective: the study's dense reference over the speedup."""
+    from dsm_tune.search.study import _Driver
+
+    driver = _Driver.__new__(_Driver)
+    driver.reference_latency_ms = 50.0
+    assert driver._objective_latency({"latency_ms": 80.0, "speedup": 2.0}) == 25.0
+    assert driver._objective_latency({"latency_ms": 40.0, "speedup": 2.0}) == 25.0
+    # Without a speedup (or a reference) the raw measurement is all there is.
+    assert driver._objective_latency({"latency_ms": 80.0, "speedup": None}) == 80.0
+    driver.reference_latency_ms = None
+    assert driver._objective_latency({"latency_ms": 80.0, "speedup": 2.0}) == 80.0
