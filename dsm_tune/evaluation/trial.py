@@ -8,7 +8,6 @@ is copied per trial.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -139,25 +138,19 @@ class TrialEvaluator:
         check_fits(self.model, cfg)
         return cfg if cfg.model is not None else cfg.replace(model=self.fingerprint)
 
-    def evaluate_detailed(self, cfg, guard=None) -> TrialOutcome:
-        """`guard` (optional) has `accuracy()` and `timing()` context managers: on a CPU host shared by several
-        workers, accuracy passes may overlap one another while a timed measurement runs alone."""
+    def evaluate_detailed(self, cfg) -> TrialOutcome:
         from dsm_tune.merging import apply_dsm, merge_report, remove_dsm
 
         begin = time.perf_counter()
         cfg = self.bind(cfg)
         report = merge_report(self.model, cfg)
-        accuracy_phase = guard.accuracy() if guard is not None else contextlib.nullcontext()
-        timing_phase = guard.timing() if guard is not None else contextlib.nullcontext()
         apply_dsm(self.merged_model, cfg)
         try:
-            with accuracy_phase:
-                accuracy = self.accuracy.evaluate(self.merged_model, self.max_drop) if self.accuracy else None
+            accuracy = self.accuracy.evaluate(self.merged_model, self.max_drop) if self.accuracy else None
             # Latency is measured for aborted trials too: an infeasible point still tells the sampler what
             # that much merging buys.
-            with timing_phase:
-                latency = measure_latency(self.model, self.merged_model, self.target, self.input_shape,
-                                          **self._latency_kwargs)
+            latency = measure_latency(self.model, self.merged_model, self.target, self.input_shape,
+                                      **self._latency_kwargs)
         finally:
             remove_dsm(self.merged_model)
         if self._baseline is None:
@@ -165,6 +158,6 @@ class TrialEvaluator:
         return TrialOutcome(config=cfg, accuracy=accuracy, latency=latency, report=report,
                             eval_seconds=time.perf_counter() - begin)
 
-    def evaluate(self, cfg, guard=None) -> dict:
+    def evaluate(self, cfg) -> dict:
         """Score one DSMConfig: the flat dict of the contract (docs/interfaces.md)."""
-        return self.evaluate_detailed(cfg, guard=guard).flat()
+        return self.evaluate_detailed(cfg).flat()
