@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import optuna
 import pandas as pd
@@ -163,3 +163,17 @@ def pareto_numbers(df: pd.DataFrame, max_drop: float | None = None) -> list[int]
                 best_drop = drop
                 last = (latency, drop)
     return front
+
+
+def json_safe(value: Any) -> Any:
+    """A JSON-safe copy for study attrs and frozen configs: NaN/inf become null (strict JSON forbids them),
+    tuples become lists, numpy/torch scalars become Python numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return json_safe(value.item())
+    return value

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from dsm_tune.errors import DSMTuneError
+from dsm_tune.search.results import json_safe
 
 # Trial metrics copied into the frozen document, in the order a reader wants them.
 FROZEN_METRIC_KEYS = ("metric", "metric_value", "accuracy_drop", "latency_ms", "latency_iqr_ms",
@@ -214,17 +215,6 @@ def _study_trial(study: Any, number: int) -> Any:
     raise NoWinnerError(f"trial {number} does not exist in study {study.study_name!r}")
 
 
-def _plain(value: Any) -> Any:
-    """JSON-safe copy: NaN/inf become null (the frozen JSON forbids them), tuples become lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def freeze_trial(study: Any, number: int):
     """The full frozen config for trial `number` of a dsm-tune study: merge, model, target, metrics, provenance."""
     from dsm_tune.merging import DSMConfig, token_schedule
@@ -265,5 +255,5 @@ def freeze_trial(study: Any, number: int):
         "measured": completed.isoformat(timespec="seconds") if completed else None,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    return config.replace(target=_plain(_target_document(spec)), metrics=_plain(metrics),
-                          provenance=_plain(provenance))
+    return config.replace(target=json_safe(_target_document(spec)), metrics=json_safe(metrics),
+                          provenance=json_safe(provenance))

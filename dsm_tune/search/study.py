@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from dsm_tune.merging import DSMConfig, ModelFingerprint
 from dsm_tune.search.progress import Progress, format_duration
 from dsm_tune.search.results import (
-    STORAGE_FILE, StudyError, open_storage, pareto_numbers, storage_url, write_trials_csv,
+    STORAGE_FILE, StudyError, json_safe, open_storage, pareto_numbers, storage_url, write_trials_csv,
 )
 from dsm_tune.search.space import (
     SearchSpace, SpaceError, parse_space, plan_key, precheck_space, replay_attrs,
@@ -288,18 +288,6 @@ DRIVER_ATTRS = frozenset({"worker", "duplicate_of", "config", "config_key", "pla
 RUN_ATTRS = frozenset({"wall_seconds", "lock_wait_s"})
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):   # numpy / torch scalars
-        return _json_safe(value.item())
-    return value
-
-
 class _Driver:
     """The ask/tell loop. Duplicates are settled by plan key (`space.plan_key`): a config that computes the same
     merged model as one already measured (or being measured) reuses that measurement.
@@ -376,7 +364,7 @@ class _Driver:
         trial = task.trial
         for key, value in result.items():
             if key not in DRIVER_ATTRS:
-                trial.set_user_attr(key, _json_safe(value))
+                trial.set_user_attr(key, json_safe(value))
         trial.set_user_attr("worker", worker)
         if wall_s is not None:
             trial.set_user_attr("wall_seconds", round(wall_s, 3))
@@ -384,7 +372,7 @@ class _Driver:
             trial.set_user_attr("duplicate_of", duplicate_of)
         drop, latency = result.get("accuracy_drop"), self._objective_latency(result)
         if latency is not None and latency != result.get("latency_ms"):
-            trial.set_user_attr("latency_measured_ms", _json_safe(result.get("latency_ms")))
+            trial.set_user_attr("latency_measured_ms", json_safe(result.get("latency_ms")))
             trial.set_user_attr("latency_ms", latency)
         if is_finite_number(drop):
             constraint = float(drop) - self.spec.max_accuracy_drop
@@ -841,7 +829,7 @@ class _Session:
                                  f"{fingerprint.to_dict()}")
             return
         study.set_user_attr("fingerprint", fingerprint.to_dict())
-        study.set_user_attr("baseline", _json_safe(info.get("baseline") or {}))
+        study.set_user_attr("baseline", json_safe(info.get("baseline") or {}))
         study.set_user_attr("data_fingerprint", info.get("data_fingerprint"))
         study.set_user_attr("versions", _versions())
         study.set_user_attr("elapsed_s", float(study.user_attrs.get("elapsed_s") or 0.0))
