@@ -188,8 +188,8 @@ def _list_images(folder: Path) -> list[Path]:
     return found
 
 
-def _scan_folder(root: Path, head_classes: int) -> tuple[str, list[Path], list[int], tuple[str, ...]]:
-    """Kind, image paths, labels and class names of a data folder, for a model with `head_classes` outputs."""
+def _scan_folder(root: Path, class_count: int) -> tuple[str, list[Path], list[int], tuple[str, ...]]:
+    """Kind, image paths, labels and class names of a data folder, for a model with `class_count` outputs."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                    and not p.name.startswith("."))
@@ -209,7 +209,7 @@ def _scan_folder(root: Path, head_classes: int) -> tuple[str, list[Path], list[i
     wnid_index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
     # Synset folders index ImageNet-1k, except for a model fine-tuned on just those synsets (e.g. Imagenette).
     if all(name in wnid_index for name in per_class) and (
-            head_classes == len(wnid_index) or head_classes != len(per_class)):
+            class_count == len(wnid_index) or class_count != len(per_class)):
         kind, index = "imagenet-folders", wnid_index
     else:
         kind, index = "class-folders", {name: i for i, name in enumerate(sorted(per_class))}
@@ -281,13 +281,14 @@ def _fingerprint(parts: list[bytes | str]) -> str:
     return digest.hexdigest()[:32]
 
 
-def _head_classes(model: torch.nn.Module) -> int:
+def head_classes(model: torch.nn.Module) -> int:
+    """Classes of the model's classifier head; 0 for a headless backbone."""
     return int(getattr(model, "num_classes", 0) or 0)
 
 
 def _check_fits_head(kind: str, labels: np.ndarray, class_count: int, model: torch.nn.Module, where: str) -> None:
     """Labeled data must index the model's classifier; a headless backbone ignores labels."""
-    classes = _head_classes(model)
+    classes = head_classes(model)
     if classes == 0 or (labels == UNLABELED).all():
         return
     if kind == "imagenet-folders":
@@ -320,7 +321,7 @@ def load_data(spec: str | os.PathLike | DataSpec, model: torch.nn.Module, limit:
         description = f"{spec.source}:{spec.split} from {origin}"
     else:
         root = Path(spec.source)
-        kind, paths, label_list, class_names = _scan_folder(root, _head_classes(model))
+        kind, paths, label_list, class_names = _scan_folder(root, head_classes(model))
         all_labels = np.asarray(label_list, dtype=np.int64)
         _check_fits_head(kind, all_labels, len(class_names), model, f"data folder {root}")
         order = evaluation_order(all_labels, limit, seed)

@@ -216,10 +216,3 @@ def measure_latency(dense_model: torch.nn.Module, merged_model: torch.nn.Module,
         compile_s=compile_s, batch_size=target.batch_size, dtype=target.dtype, device=target.device,
         repeats=repeats, runs_per_sample=runs, interleaved=interleave, pair_speedup=float(np.median(ratios)),
     )
-
-
-def measure_single(model: torch.nn.Module, target: Target, input_shape, **kwargs) -> LatencyResult:
-    """Latency of one model alone (both sides of the pair are the model; speedup ~1 shows the noise floor)."""
-    return measure_latency(model, model, target, input_shape, **kwargs)
-
-

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dsm_tune.errors import DSMTuneError
-from dsm_tune.evaluation.data import EvalData
+from dsm_tune.evaluation.data import EvalData, head_classes
 from dsm_tune.evaluation.models import model_identity, weights_digest
 from dsm_tune.evaluation.targets import DTYPES
 
@@ -55,10 +55,6 @@ class AccuracyResult:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def head_classes(model: torch.nn.Module) -> int:
-    return int(getattr(model, "num_classes", 0) or 0)
 
 
 def default_metric(model: torch.nn.Module, data: EvalData) -> str:
