@@ -39,7 +39,10 @@ import yaml
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.merging import MAX_RATIO, ConfigError, DSMConfig, ModelFingerprint, Stage, block_plan
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+# The repository's search_spaces/ in a checkout; in an installed wheel, its copy inside the package (setup.py maps
+# search_spaces/ to the package dsm_tune.search_spaces, so the repository keeps the one copy people edit).
+_INSTALLED_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+SPACES_DIR = _INSTALLED_SPACES if _INSTALLED_SPACES.is_dir() else Path(__file__).resolve().parents[2] / "search_spaces"
 GENERIC_SPACE = "generic"
 
 # The one list that picks a space file from a model name (alias, timm name or fingerprint name), first match wins.
