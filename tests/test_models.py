@@ -104,6 +104,33 @@ def test_checkpoint_that_is_not_a_state_dict(tmp_path):
         build_model("vit_tiny", checkpoint=path)
 
 
+class _Config:  # a training script's options object, as commonly saved beside the weights
+    lr = 0.1
+
+
+@pytest.mark.parametrize("contents", ["whole module", "state dict beside an object"])
+def test_pickled_python_objects_are_refused_in_our_own_words(tmp_path, contents):
+    path = tmp_path / "pickled.pth"
+    model = torch.nn.Linear(2, 2)
+    torch.save(model if contents == "whole module" else {"state_dict": model.state_dict(), "config": _Config()},
+               path)
+    with pytest.raises(ModelError) as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} contains Python objects, not a plain state dict; refused")
+    assert "weights_only" not in message and "\n" not in message
+
+
+def test_a_corrupt_pickle_does_not_repeat_torchs_advice(tmp_path):
+    path = tmp_path / "corrupt.pth"
+    path.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ModelError) as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"cannot read checkpoint {path}: not a torch state dict file")
+    assert "weights_only" not in message and "Python objects" not in message and "\n" not in message
+
+
 def test_input_size_follows_the_built_model_not_the_pretrained_cfg():
     model = timm.create_model("vit_small_patch14_dinov2", img_size=224, num_classes=0, depth=1)
     assert model.pretrained_cfg["input_size"] == (3, 518, 518)

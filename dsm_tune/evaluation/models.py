@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -94,6 +95,8 @@ def read_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
             state = safetensors.torch.load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _weights_only_refusal(path, exc) from None
     except Exception as exc:  # any parse failure is the file's fault, reported in one line
         raise ModelError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     for key in _STATE_DICT_WRAPPERS:
@@ -105,6 +108,19 @@ def read_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _weights_only_refusal(path: Path, exc: pickle.UnpicklingError) -> ModelError:
+    """Our own line for what torch's weights-only unpickler rejects: torch's message advises loading with
+    weights_only=False, i.e. running whatever code the file holds, which dsm-tune never does."""
+    text = str(exc)
+    # Every rejection of a class or function the file references names it as a GLOBAL or asks to allowlist it.
+    if "GLOBAL" in text or "allowlist" in text:
+        return ModelError(f"{path} contains Python objects, not a plain state dict; refused (save "
+                          "model.state_dict() with torch.save, or as safetensors)")
+    marker = "WeightsUnpickler error:"
+    detail = text.split(marker, 1)[1].strip().splitlines()[0] if marker in text else type(exc).__name__
+    return ModelError(f"cannot read checkpoint {path}: not a torch state dict file ({detail})")
 
 
 def _head_classes(state: dict[str, torch.Tensor]) -> int | None:
