@@ -45,6 +45,11 @@ def images(model, batch=2):
     return torch.randn(batch, 3, height, width)
 
 
+def token_sequence(model, x):
+    """What timm's forward_features feeds the block stack."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_all_ratios_zero_is_bit_identical(family):
     model = build(family)
@@ -92,14 +97,16 @@ def test_token_counts_per_block_match_the_config(family):
     config = DSMConfig.for_model(model, start_layer=1, hierarchy_depth=1,
                                  stages=[Stage(1, ratio=0.5), Stage(2, ratio=0.25)])
     apply_dsm(model, config)
+    x = images(model)
     counts, hooks = _record_block_inputs(model)
     with torch.inference_mode():
-        model(images(model))
+        model(x)
     for hook in hooks:
         hook.remove()
     assert counts == [prefix + n for n in token_schedule(config)]
     # Every patch is still represented exactly once: sizes add up to the grid, prefix tokens hold none.
-    sizes = model.blocks.last_sizes
+    with torch.inference_mode():
+        sizes = model.blocks.merge(token_sequence(model, x)).sizes
     assert sizes.shape == (2, prefix + merge_report(model, config)["final_tokens"])
     assert torch.equal(sizes[:, :prefix], torch.ones(2, prefix))
     assert torch.allclose(sizes[:, prefix:].sum(dim=1), torch.full((2,), 16.0))
@@ -200,7 +207,7 @@ def test_window_merging_never_pairs_across_windows():
     for level, per_window in [(2, 2), (1, 3), (0, 10)]:
         windows = 4 ** level
         keys = tokens @ patch_keys  # a merged token's key: the mean of its members' keys
-        tokens, sizes = bipartite_merge(tokens, sizes, keys, 0, windows, per_window, a_starts_at=1)
+        tokens, sizes, _ = bipartite_merge(tokens, sizes, keys, 0, windows, per_window, a_starts_at=1)
         expected_count -= windows * per_window
         assert tokens.shape[1] == expected_count
         side = 2 ** level
@@ -247,13 +254,22 @@ def test_batch_sizes_agree_with_single_images(batch):
 
 
 def test_size_weighted_average_pooling():
+    """An average-pooling model pools every merged token by the number of patches it stands for."""
     model = build("vit_avg_pool")
-    apply_dsm(model, DSMConfig.for_model(model, start_layer=0, hierarchy_depth=0, stages=[Stage(4, ratio=0.5)]))
-    features = torch.randn(2, 3, 8)
-    model.blocks.last_sizes = torch.tensor([[1.0, 3.0, 12.0]] * 2)  # no prefix tokens in this model
-    pooled = model.pool(features)
-    expected = (features * torch.tensor([1.0, 3.0, 12.0])[None, :, None]).sum(1) / 16
-    assert torch.allclose(pooled, expected)
+    dense_features_shape = model.forward_features(images(model)).shape
+    apply_dsm(model, DSMConfig.for_model(model, start_layer=0, hierarchy_depth=1,
+                                         stages=[Stage(1, ratio=0.5), Stage(3, ratio=0.25)]))
+    x = images(model)
+    with torch.inference_mode():
+        merged = model.blocks.merge(token_sequence(model, x))
+        weights = merged.sizes[..., None]  # no prefix tokens in this model
+        pooled = (model.norm(merged.tokens) * weights).sum(dim=1) / weights.sum(dim=1)
+        expected = model.head(model.fc_norm(pooled))
+        actual = model(x)
+        features_shape = model.forward_features(x).shape
+    assert merged.tokens.shape[1] < 16 and not torch.all(merged.sizes == merged.sizes[0, 0])
+    assert torch.allclose(actual, expected, atol=1e-5)
+    assert features_shape == dense_features_shape
 
 
 def test_mismatched_model_is_refused():

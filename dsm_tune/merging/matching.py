@@ -40,7 +40,8 @@ def bipartite_merge(
     windows: int,
     merge_per_window: int,
     a_starts_at: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_destination: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Merge `merge_per_window` patch tokens in each of `windows` contiguous windows; prefix tokens stay as they are.
 
     x: (B, P + N, C) the whole sequence, P protected prefix tokens first; sizes: (B, P + N) patches each token
@@ -48,6 +49,8 @@ def bipartite_merge(
     `a_starts_at, a_starts_at + 2, ...` of each window (0 or 1, chosen by the caller so that a single class token in
     front reproduces ToMe's split). Returns the sequence and sizes with `windows * merge_per_window` fewer tokens:
     the prefix, then per window its unmerged A tokens in their original order followed by its B tokens.
+    With `with_destination`, also the (B, P + N) output position every input token went to (its own, or its
+    partner's when merged away), so a caller can follow the original patches through the merges.
 
     The token tensor is read once by a single gather; only the merged tokens and their partners are touched
     again. On small models the merge is memory-bound, so passes over the whole sequence are what it costs.
@@ -89,4 +92,9 @@ def bipartite_merge(
     merged_sizes.scatter_add_(1, partner_positions, source_sizes)
     merged.scatter_(1, partner_index,
                     merged.gather(1, partner_index) / merged_sizes.gather(1, partner_positions)[..., None])
-    return merged, merged_sizes
+    if not with_destination:
+        return merged, merged_sizes, None
+    destination = torch.zeros_like(sizes, dtype=torch.long)
+    destination.scatter_(1, keep, torch.arange(keep.shape[1], device=device).expand(batch, -1))
+    destination.scatter_(1, source_positions, partner_positions)
+    return merged, merged_sizes, destination

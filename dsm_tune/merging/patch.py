@@ -8,7 +8,7 @@ ratio 0" config bit-identical to the original model.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -92,16 +92,32 @@ def _attention_with_keys(attention: nn.Module, x: torch.Tensor, log_sizes: torch
     return x, (k.mean(dim=1) if want_keys else None)
 
 
+class MergedTokens(NamedTuple):
+    """What the block stack computes, returned rather than stored so concurrent forwards and graph capture
+    (torch.compile fullgraph, torch.export, ONNX) see a pure function."""
+
+    tokens: torch.Tensor          # (B, P + n, C): the prefix, then the n patch tokens left after merging
+    sizes: torch.Tensor | None    # (B, P + n): patches each token stands for; None when nothing merged
+    origin: torch.Tensor | None   # (B, P + N): position in `tokens` of every input token; None: identity/untracked
+
+
 class DSMBlockStack(nn.Sequential):
-    """The model's blocks, run under a DSM schedule. Holds the same block modules as the original stack."""
+    """The model's blocks, run under a DSM schedule. Holds the same block modules as the original stack.
+
+    For average-pooling models the output is expanded back to the input's token count, every merged token
+    repeated once per patch it stands for: the model's own norm and pooling then weigh each token by its size
+    with no state passed beside the tensor, and `forward_features` keeps the dense shape. Class-token models
+    get the merged tokens, as their pooling never looks at the merged ones' sizes.
+    """
 
     def __init__(self, blocks: nn.Sequential, plans: list[BlockPlan], config: DSMConfig,
-                 fingerprint: ModelFingerprint) -> None:
+                 fingerprint: ModelFingerprint, restore_token_count: bool = False) -> None:
         super().__init__(*blocks)
         self.plans = plans
         self.config = config
         self.num_prefix = fingerprint.num_prefix_tokens
         self.num_patches = fingerprint.grid[0] * fingerprint.grid[1]
+        self.restore_token_count = restore_token_count
         # ToMe splits the whole sequence alternately with the class token in set A; starting A at the patch
         # position that keeps that parity makes global DSM reproduce ToMe's pairs exactly.
         self.a_starts_at = self.num_prefix % 2
@@ -110,16 +126,19 @@ class DSMBlockStack(nn.Sequential):
             patch_order = window_order(fingerprint.grid, config.hierarchy_depth) + self.num_prefix
             sequence_order = torch.cat([torch.arange(self.num_prefix), patch_order]).to(device)
             self.register_buffer("window_permutation", sequence_order, persistent=False)
+            self.register_buffer("window_inverse", torch.argsort(sequence_order), persistent=False)
         else:
             self.window_permutation = None
-        self.last_sizes: torch.Tensor | None = None
+            self.window_inverse = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def merge(self, x: torch.Tensor, track_origin: bool = False) -> MergedTokens:
+        """Run the blocks on the token sequence `x` (B, P + N, C); `track_origin` follows every input token."""
         if x.shape[1] != self.num_prefix + self.num_patches:
             raise RuntimeError(
                 f"DSM was configured for {self.num_patches} patch tokens but the blocks received "
                 f"{x.shape[1] - self.num_prefix}; feed images of the size the config was tuned for")
-        sizes: torch.Tensor | None = None  # (B, prefix + patches); None while every token is one patch
+        sizes: torch.Tensor | None = None  # None while every token is one patch
+        origin: torch.Tensor | None = None
         windows_arranged = False
         for block, plan in zip(self, self.plans):
             size_aware = sizes is not None and self.config.proportional_attention
@@ -130,6 +149,9 @@ class DSMBlockStack(nn.Sequential):
                 x = x.index_select(1, self.window_permutation)
                 if sizes is not None:
                     sizes = sizes.index_select(1, self.window_permutation)
+                if track_origin:
+                    arranged = self.window_inverse.expand(x.shape[0], -1)
+                    origin = arranged if origin is None else arranged.gather(1, origin)
                 windows_arranged = True
             log_sizes = sizes.log() if size_aware else None
             attended, keys = _attention_with_keys(block.attn, block.norm1(x), log_sizes,
@@ -138,31 +160,20 @@ class DSMBlockStack(nn.Sequential):
             if plan.merge_per_window > 0:
                 if sizes is None:
                     sizes = x.new_ones(x.shape[0], x.shape[1])
-                x, sizes = bipartite_merge(x, sizes, keys, self.num_prefix, plan.windows,
-                                           plan.merge_per_window, self.a_starts_at)
+                x, sizes, destination = bipartite_merge(x, sizes, keys, self.num_prefix, plan.windows,
+                                                        plan.merge_per_window, self.a_starts_at,
+                                                        with_destination=track_origin)
+                if destination is not None:
+                    origin = destination if origin is None else destination.gather(1, origin)
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        self.last_sizes = sizes
-        return x
+        return MergedTokens(x, sizes, origin)
 
-
-def _size_weighted_pool(model: nn.Module, stack: DSMBlockStack):
-    """Average pooling in which a merged token counts for all the patches it stands for."""
-    original_pool = model.pool
-
-    def pool(x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        pool_type = model.global_pool if pool_type is None else pool_type
-        sizes = stack.last_sizes
-        if pool_type != "avg" or sizes is None:
-            return original_pool(x, pool_type=pool_type)
-        prefix = stack.num_prefix
-        if getattr(model, "pool_include_prefix", False):
-            weights, tokens = sizes, x
-        else:
-            weights, tokens = sizes[:, prefix:], x[:, prefix:]
-        weights = weights.to(x.dtype)
-        return (tokens * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
-
-    return pool
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        merged = self.merge(x, track_origin=self.restore_token_count)
+        if merged.origin is None:
+            return merged.tokens
+        channels = merged.tokens.shape[-1]
+        return merged.tokens.gather(1, merged.origin[..., None].expand(-1, -1, channels))
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -178,12 +189,9 @@ def apply_dsm(model: nn.Module, config: DSMConfig) -> nn.Module:
     bound = config if config.model is not None else config.replace(model=fingerprint)
     plans = block_plan(bound, fingerprint)
     original_blocks = model.blocks
-    stack = DSMBlockStack(original_blocks, plans, bound, fingerprint)
-    model.blocks = stack
-    previous_pool = model.__dict__.get("pool")
-    model.pool = _size_weighted_pool(model, stack)
-    object.__setattr__(model, _PATCH_ATTRIBUTE, {
-        "original_blocks": original_blocks, "config": bound, "previous_pool": previous_pool})
+    model.blocks = DSMBlockStack(original_blocks, plans, bound, fingerprint,
+                                 restore_token_count=model.global_pool == "avg")
+    object.__setattr__(model, _PATCH_ATTRIBUTE, {"original_blocks": original_blocks, "config": bound})
     return model
 
 
@@ -193,10 +201,6 @@ def remove_dsm(model: nn.Module) -> nn.Module:
     if patch is None:
         return model
     model.blocks = patch["original_blocks"]
-    if patch["previous_pool"] is None:
-        del model.pool
-    else:
-        model.pool = patch["previous_pool"]
     object.__delattr__(model, _PATCH_ATTRIBUTE)
     return model
 
@@ -206,4 +210,4 @@ def applied_config(model: nn.Module) -> DSMConfig | None:
     return patch["config"] if patch else None
 
 
-__all__ = ["apply_dsm", "remove_dsm", "is_patched", "check_fits", "applied_config", "DSMBlockStack"]
+__all__ = ["apply_dsm", "remove_dsm", "is_patched", "check_fits", "applied_config", "DSMBlockStack", "MergedTokens"]
