@@ -128,11 +128,10 @@ def render_table(doc: dict) -> str:
         f"data     {data['description'] if data else 'none (latency only)'}",
     ]
     if doc["config"] is not None:
-        cfg = doc["config"]
-        stages = ", ".join(f"{s['blocks']}x" + (f"ratio {s['ratio']:g}" if s.get("ratio") is not None
-                                                  else f"r {s['r']}") for s in cfg["stages"])
-        lines.append(f"config   start_layer {cfg['start_layer']}, hierarchy_depth {cfg['hierarchy_depth']}, "
-                     f"stages [{stages}], proportional attention {'on' if cfg['proportional_attention'] else 'off'}")
+        from dsm_tune.search.render import describe_config
+
+        lines.append(f"config   {describe_config(doc['config'])}  (start layer d, hierarchy depth D, "
+                     f"blocks x ratio per stage)")
     dense, merged = doc["dense"], doc["merged"]
     lines.append("")
     lines.append(f"{'':24}{'dense':>18}{'merged':>18}")

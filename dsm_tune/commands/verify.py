@@ -88,7 +88,7 @@ def _cell(value: Any) -> str:
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    from dsm_tune.commands.report import format_table
+    from dsm_tune.search.render import format_table
 
     table = [[r["name"], _cell(r["recorded"]), _cell(r["measured"]), r["bound"] or "",
               "" if r["ok"] is None else ("yes" if r["ok"] else "NO")] for r in rows]

@@ -8,16 +8,13 @@ the study storage without the driver.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pandas as pd
 
-from dsm_tune.search.select import NoWinnerError, Rule, SelectionError, frame_column, measured_trials, \
-    numeric_column, pick_winner
+from dsm_tune.search.render import default_winner, pareto_front, trial_table
+from dsm_tune.search.select import frame_column
 
 HTML_NAME = "pareto.html"
 PNG_NAME = "pareto.png"
@@ -32,51 +29,6 @@ SPEEDUP_TICKS = (0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10)
 FRONT_COLOUR = "#1f5fbf"
 WINNER_COLOUR = "#d62728"
 INFEASIBLE_COLOUR = "#d62728"
-
-
-def describe_config(config: Any) -> str:
-    """Short text of a trial's merge config, e.g. 'd=3 D=1 4x0.10 5x0.25 +prop'."""
-    if isinstance(config, str):
-        try:
-            config = json.loads(config)
-        except json.JSONDecodeError:
-            return config
-    if not isinstance(config, dict):
-        return ""
-    merge = config.get("merge", config)
-    stages = " ".join(
-        f"{s.get('blocks')}x{s['ratio']:.2f}" if s.get("ratio") is not None else f"{s.get('blocks')}xr{s.get('r')}"
-        for s in merge.get("stages", []))
-    prop = " +prop" if merge.get("proportional_attention") else ""
-    return f"d={merge.get('start_layer')} D={merge.get('hierarchy_depth')} {stages}{prop}".strip()
-
-
-def plot_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Measured trials with what the plots (and `report`) show about each one."""
-    table = measured_trials(df).copy()
-    seed = frame_column(df, "seed_kind")
-    table["seed_kind"] = (seed.loc[table.index].map(lambda v: v if isinstance(v, str) else "")
-                          if seed is not None else "")
-    config = frame_column(df, "config")
-    table["config"] = config.loc[table.index].map(describe_config) if config is not None else ""
-    for key in ("flops_ratio", "tokens_kept", "latency_iqr_ms", "baseline_latency_ms"):
-        table[key] = numeric_column(df, key).loc[table.index]
-    return table
-
-
-def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
-    """Non-dominated rows of `table` (minimise drop and latency), sorted by latency."""
-    from dsm_tune.search.results import pareto_numbers
-
-    front = set(pareto_numbers(table[["number", "state", "accuracy_drop", "latency_ms"]]))
-    return table[table["number"].isin(front)].sort_values(["latency_ms", "accuracy_drop"])
-
-
-def default_winner(df: pd.DataFrame, max_drop: float | None) -> int | None:
-    try:
-        return pick_winner(df, Rule(), max_drop)
-    except (NoWinnerError, SelectionError):
-        return None
 
 
 def _baseline_latency(table: pd.DataFrame) -> float | None:
@@ -102,7 +54,7 @@ def plotly_figure(df: pd.DataFrame, max_drop: float | None):
 
 
 def _layers(df: pd.DataFrame, max_drop: float | None):
-    table = plot_table(df)
+    table = trial_table(df)
     front = pareto_front(table) if not table.empty else table
     return table, front, default_winner(df, max_drop), max_drop, _title(df, table, max_drop)
 

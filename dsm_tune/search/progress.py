@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from dsm_tune.search.results import front_of
+
 
 @dataclass
 class _Point:
@@ -16,15 +18,6 @@ class _Point:
     drop: float
     latency: float
     speedup: float
-
-
-def _front_size(points: list[_Point]) -> int:
-    size, best_drop = 0, math.inf
-    for point in sorted(points, key=lambda p: (p.latency, p.drop)):
-        if point.drop < best_drop:
-            size += 1
-            best_drop = point.drop
-    return size
 
 
 def format_duration(seconds: float) -> str:
@@ -80,7 +73,7 @@ class Progress:
 
     @property
     def pareto_size(self) -> int:
-        return _front_size(self._points)
+        return len(front_of((p.latency, p.drop, p.number) for p in self._points))
 
     @property
     def best_speedup(self) -> float | None:

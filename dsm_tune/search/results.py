@@ -14,9 +14,12 @@ from typing import Any, Iterable, Mapping
 import optuna
 import pandas as pd
 
-from dsm_tune.errors import DSMTuneError
+from dsm_tune.search.folder import STORAGE_FILE, StudyError, StudyFolder
 
-STORAGE_FILE = "study.db"
+__all__ = ["STORAGE_FILE", "StudyError", "storage_url", "open_storage", "load_study", "trials_frame",
+           "write_trials_csv", "pareto_numbers", "front_of", "json_safe",
+           "config_attr"]
+
 OBJECTIVES = ("accuracy_drop", "latency_ms")
 
 # Leading columns of trials.csv, in this order; every trial user attr follows under its own name.
@@ -29,48 +32,18 @@ PREFERRED_ATTRS = (
 )
 
 
-class StudyError(DSMTuneError):
-    """A study folder is missing, unreadable, not a dsm-tune study, or cannot go on."""
-
-
 def storage_url(study_dir: Path) -> str:
-    return f"sqlite:///{Path(study_dir).resolve() / STORAGE_FILE}"
+    return StudyFolder.at(study_dir).storage_url
 
 
 def open_storage(study_dir: Path) -> optuna.storages.RDBStorage:
-    """The study's storage for writing (the driver). SQLite in WAL mode with synchronous=NORMAL: a commit no
-    longer waits for the disk (a trial writes a dozen attributes, each its own commit, which took ~40 ms apiece
-    with the default journal), and a crash of the process still loses nothing committed; only a power cut can
-    drop the last commits. WAL needs a local file system (not NFS) for the study folder."""
-    import sqlite3
-
-    path = str(Path(study_dir).resolve() / STORAGE_FILE)
-
-    def connect() -> sqlite3.Connection:
-        connection = sqlite3.connect(path, timeout=60, check_same_thread=False)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
-        return connection
-
-    return optuna.storages.RDBStorage(storage_url(study_dir), engine_kwargs={"creator": connect})
+    """The study's storage for writing (the driver); see `StudyFolder.open_storage`."""
+    return StudyFolder.at(study_dir).open_storage()
 
 
 def load_study(study_dir: Path) -> optuna.Study:
     """Open an existing dsm-tune study read-mostly; its name is the folder's name."""
-    study_dir = Path(study_dir)
-    db = study_dir / STORAGE_FILE
-    if not db.is_file():
-        raise StudyError(f"no study at {study_dir}: {db} does not exist (run `dsm-tune run` first, or check --out)")
-    name = study_dir.name
-    try:
-        study = optuna.load_study(study_name=name, storage=storage_url(study_dir))
-    except KeyError:
-        raise StudyError(f"{db} holds no study named {name!r}: the folder name must be the study name") from None
-    except Exception as exc:  # sqlite/SQLAlchemy errors of a corrupt or foreign file
-        raise StudyError(f"cannot read the study storage {db}: {type(exc).__name__}: {exc}") from None
-    if "spec" not in study.user_attrs:
-        raise StudyError(f"{db} is an Optuna study but not a dsm-tune study (no 'spec' user attribute)")
-    return study
+    return StudyFolder.at(study_dir).load()
 
 
 def _cell(value: Any) -> Any:
@@ -149,12 +122,16 @@ def pareto_numbers(df: pd.DataFrame, max_drop: float | None = None) -> list[int]
     keep = drops.notna() & latencies.notna()
     if max_drop is not None:
         keep &= drops <= max_drop
-    points = sorted(
-        zip(latencies[keep].tolist(), drops[keep].tolist(), done.loc[keep, "number"].astype(int).tolist()))
+    numbers = done.loc[keep, "number"].astype(int).tolist()
+    return front_of(zip(latencies[keep].tolist(), drops[keep].tolist(), numbers))
+
+
+def front_of(points: Iterable[tuple[float, float, int]]) -> list[int]:
+    """Numbers of the non-dominated (latency, drop, number) points, fastest first; exact ties are all kept."""
     front: list[int] = []
     best_drop = math.inf
     last: tuple[float, float] | None = None
-    for latency, drop, number in points:
+    for latency, drop, number in sorted(points):
         # Sorted by latency then drop: a point is dominated iff an earlier (no slower) point is at least as
         # accurate and strictly better in one objective.
         if drop < best_drop or (last is not None and (latency, drop) == last):
@@ -177,3 +154,9 @@ def json_safe(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):
         return json_safe(value.item())
     return value
+
+
+def config_attr(cfg: Any) -> dict[str, Any]:
+    """A trial's `config` user attr: the config document without model, target, metrics and provenance (the
+    study holds the model fingerprint once; `freeze_trial` adds the rest)."""
+    return cfg.replace(model=None, target=None, metrics=None, provenance=None).to_dict()

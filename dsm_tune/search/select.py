@@ -22,11 +22,6 @@ FROZEN_METRIC_KEYS = ("metric", "metric_value", "accuracy_drop", "latency_ms", "
                       "baseline_latency_ms", "baseline_latency_iqr_ms", "speedup", "speedup_iqr", "flops_ratio",
                       "tokens_kept", "num_images")
 
-# Where a key may live in a trials frame: plain flattened user attrs first, then Optuna's own
-# `trials_dataframe()` spelling, then the objective values (drop = values_0, latency = values_1).
-_COLUMN_FALLBACKS = {"accuracy_drop": ("values_0",), "latency_ms": ("values_1",)}
-
-
 class SelectionError(DSMTuneError):
     """A selection rule or trial reference is malformed."""
 
@@ -41,11 +36,8 @@ class NoWinnerError(SelectionError):
 
 # --- reading the trials frame ------------------------------------------------------------------------------
 def frame_column(df: pd.DataFrame, key: str) -> pd.Series | None:
-    """The column holding trial attr `key`, whichever flattening the frame uses; None if absent."""
-    for name in (key, f"user_attrs_{key}", *_COLUMN_FALLBACKS.get(key, ())):
-        if name in df.columns:
-            return df[name]
-    return None
+    """The column of trial attr `key` in a trials frame (`results.trials_frame` or trials.csv); None if absent."""
+    return df[key] if key in df.columns else None
 
 
 def numeric_column(df: pd.DataFrame, key: str) -> pd.Series:
@@ -75,10 +67,10 @@ def measured_trials(df: pd.DataFrame) -> pd.DataFrame:
     speedup = numeric_column(df, "speedup")
     baseline = numeric_column(df, "baseline_latency_ms")
     speedup = speedup.where(speedup.notna(), baseline / latency)
-    state = df["state"].astype(str) if "state" in df.columns else pd.Series("COMPLETE", index=df.index)
+    state = df["state"].astype(str)
     table = pd.DataFrame({"number": df["number"].astype(int), "state": state, "accuracy_drop": drop,
                           "latency_ms": latency, "speedup": speedup, "aborted": _bool_column(df, "aborted")})
-    usable = (table["state"].str.upper().str.endswith("COMPLETE") & ~table["aborted"]
+    usable = ((table["state"] == "COMPLETE") & ~table["aborted"]
               & table["accuracy_drop"].map(math.isfinite) & table["latency_ms"].map(math.isfinite))
     return table[usable]
 
@@ -165,8 +157,7 @@ def pick_winner(df: pd.DataFrame, rule: Rule, study_max_drop: float | None) -> i
 def _state_summary(df: pd.DataFrame) -> str:
     if df.empty:
         return "the study has no trials"
-    states = df["state"].astype(str).str.upper().str.replace("TRIALSTATE.", "", regex=False) \
-        if "state" in df.columns else pd.Series(["COMPLETE"] * len(df))
+    states = df["state"].astype(str)
     counts = ", ".join(f"{n} {s.lower()}" for s, n in states.value_counts().sort_index().items())
     aborted = int(_bool_column(df, "aborted").sum())
     return f"{len(df)} trial(s): {counts}" + (f", {aborted} aborted early" if aborted else "")
@@ -192,20 +183,12 @@ def _check_named_trial(df: pd.DataFrame, number: int) -> int:
 # --- freezing --------------------------------------------------------------------------------------------------
 def _target_document(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The target profile the study was tuned on, resolved to the settings it measured with."""
-    target = spec.get("target")
-    if isinstance(target, Mapping):
-        resolved = dict(target)
-        name = resolved.get("name") or resolved.get("profile")
-    else:
-        from dsm_tune.evaluation.targets import load_target
+    from dsm_tune.evaluation.targets import load_target
 
-        profile = load_target(str(target), batch_size=spec.get("batch_size"), dtype=spec.get("dtype"),
-                              compile=spec.get("compile"), check_available=False)
-        resolved = {"device": profile.device, "dtype": profile.dtype, "batch_size": profile.batch_size,
-                    "compile": profile.compile}
-        name = profile.name
-    return {"profile": name, "device": resolved.get("device"), "dtype": resolved.get("dtype"),
-            "batch_size": resolved.get("batch_size"), "compile": bool(resolved.get("compile"))}
+    profile = load_target(str(spec.get("target")), batch_size=spec.get("batch_size"), dtype=spec.get("dtype"),
+                          compile=spec.get("compile"), check_available=False)
+    return {"profile": profile.name, "device": profile.device, "dtype": profile.dtype,
+            "batch_size": profile.batch_size, "compile": bool(profile.compile)}
 
 
 def _study_trial(study: Any, number: int) -> Any:
@@ -230,10 +213,7 @@ def freeze_trial(study: Any, number: int):
     spec = study_attrs["spec"]
     versions = study_attrs.get("versions") or {}
 
-    document = dict(attrs["config"])
-    for key in ("model", "target", "metrics", "provenance"):
-        document.pop(key, None)
-    document["model"] = study_attrs["fingerprint"]
+    document = {**attrs["config"], "model": study_attrs["fingerprint"]}   # see `results.config_attr`
     config = DSMConfig.from_dict(document, require_model=True)
 
     metrics = {key: attrs[key] for key in FROZEN_METRIC_KEYS if key in attrs}
