@@ -3,9 +3,15 @@ tracking server that comes back after being down receives everything that was qu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -26,6 +32,57 @@ def test_ui_command_is_an_argument_list_bound_to_loopback(tmp_path):
     assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path}/mlflow.db"
     assert command[command.index("--artifacts-destination") + 1] == (tmp_path / "mlartifacts").as_uri()
     assert "--artifacts-destination" not in ui_command("postgresql://db/mlflow", "127.0.0.1", 5000)
+
+
+# `dsm-tune ui` as a terminal or a supervisor runs it: SIGINT raises KeyboardInterrupt even where the test runner
+# was started with SIGINT ignored (a background job), which the child would otherwise inherit.
+_DSM_TUNE = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from dsm_tune.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # TIME_WAIT leftovers do not count
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopping_ui_takes_the_server_down_and_frees_the_port(tmp_path, stop_signal):
+    """A signal to the `dsm-tune ui` process alone (a supervisor's kill, a container stop) stops `mlflow ui` and
+    its uvicorn worker too."""
+    make_empty_store(tmp_path / "runs")
+    port = free_port()
+    on_port = f"--port {port} "   # in the command lines of dsm-tune ui, mlflow ui and uvicorn alike
+    command = [sys.executable, "-c", _DSM_TUNE, "ui", "--out", str(tmp_path / "runs"), "--port", str(port)]
+    try:
+        with running_server(command, port, tmp_path / "ui.log") as ui:
+            servers = set(_processes_mentioning(on_port)) - {ui.pid}
+            assert len(servers) >= 2   # mlflow ui and its uvicorn, beside dsm-tune ui
+            ui.send_signal(stop_signal)
+            assert ui.wait(timeout=60) == 0
+        assert not _listening(port)
+        assert set(_processes_mentioning(on_port)) & servers == set()
+    finally:
+        for pid in _processes_mentioning(on_port):   # only what this test started, should it have failed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_ui_refusals_and_remote_store(tmp_path, capsys):

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from dsm_tune.commands.common import DEFAULT_OUT, add_mlflow_args
 from dsm_tune.errors import DSMTuneError
+from dsm_tune.interrupts import sigterm_as_interrupt
+
+# How long the server may take to shut down on SIGTERM before its process group is killed.
+STOP_GRACE_S = 10.0
 
 
 class UIError(DSMTuneError):
@@ -73,7 +81,46 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it); "
           "Pareto-optimal trials: filter tags.pareto = 'true'")
+    return serve(command)
+
+
+def serve(command: list[str]) -> int:
+    """Run the server until it exits, or until this process gets SIGINT or SIGTERM; either way the server and every
+    process it started (uvicorn/gunicorn workers) are gone, and the port is free, when this returns.
+
+    The server runs in its own session: a signal sent to this process alone (a supervisor's `kill`) would otherwise
+    leave `mlflow ui` and its workers behind holding the port, and its process group lets us stop them all."""
+    restore_sigterm = sigterm_as_interrupt()
+    server = subprocess.Popen(command, start_new_session=True)
     try:
-        return subprocess.run(command, check=False).returncode
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        stop_process_group(server)
+        restore_sigterm()
+
+
+def stop_process_group(leader: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM the leader's process group, SIGKILL whatever is left of it after `grace_s`."""
+    group = leader.pid
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if leader.poll() is not None and not _group_alive(group):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signal.SIGKILL)
+    leader.wait()
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # a member we may not signal still exists
+        return True
+    return True
