@@ -10,7 +10,7 @@ from dsm_tune import __version__
 from dsm_tune.errors import DSMTuneError
 
 # Imported lazily so `dsm-tune measure` does not pay for importing ray/mlflow/optuna.
-COMMAND_MODULES = ("measure", "run", "report", "export", "verify", "ui")
+COMMAND_MODULES = ("measure", "run", "report", "export", "verify", "ui", "probe")
 
 
 def build_parser() -> argparse.ArgumentParser:

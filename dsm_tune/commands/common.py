@@ -17,22 +17,26 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
                         help="load timm's pretrained weights (needs the weights in the local HF cache or network)")
 
 
-def add_target_args(parser: argparse.ArgumentParser) -> None:
+def add_target_args(parser: argparse.ArgumentParser, compile_flags: bool = True) -> None:
     parser.add_argument("--device", default="cpu",
                         help="hardware target profile: cpu, a100, h100, l4, t4, v100, ... (default: cpu)")
     parser.add_argument("--batch-size", type=int, default=None, help="override the target's deployment batch size")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                         help="override the target's dtype")
+    if not compile_flags:
+        return
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="measure with torch.compile")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="measure eagerly")
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
+def add_data_args(parser: argparse.ArgumentParser, metric_flag: bool = True) -> None:
     parser.add_argument("--data", default=None,
                         help="image folder (ImageNet layout, plain class folders or unlabeled) or a named data set "
                              "(fashion-mnist, cifar10, demo-fashion-mnist); default for --model demo: the embedded slice")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on N images (deterministic, class-stratified)")
+    if not metric_flag:
+        return
     parser.add_argument("--metric", choices=("top1", "agreement", "feature"), default=None,
                         help="accuracy metric (default: top1 with labels, agreement without, feature for headless models)")
 

@@ -355,7 +355,7 @@ def render_table(result: ProbeResult) -> str:
     """The per-block table `dsm-tune probe` prints."""
     lines = [f"model    {result.model}  ({result.num_blocks} blocks, {result.grid[0]}x{result.grid[1]} patch grid, "
              f"{result.num_prefix_tokens} prefix token{'' if result.num_prefix_tokens == 1 else 's'})",
-             f"data     {result.data or '-'} ({result.num_images} images)", "",
+             f"data     {result.data or f'{result.num_images} images'}", "",
              f"{'block':>5} {'entropy':>8} {f'top-{result.sink_count} share':>12} {'sinks':>16} "
              f"{'outliers':>9} {'nbr cos':>8} {'change':>8}"]
     for stats in result.blocks:
@@ -382,5 +382,26 @@ def curves(result: ProbeResult) -> dict[str, list[float | None]]:
     }
 
 
-__all__ = ["ProbeResult", "BlockStats", "ProbeError", "probe_model", "load_probe", "find_convergence",
-           "convergence_rule", "attention_blocks", "render_table", "curves"]
+DEFAULT_PROBE_IMAGES = 64
+
+
+def probe_named_model(model_name: str, data: str | None = None, *, checkpoint: str | Path | None = None,
+                      pretrained: bool = False, limit: int | None = DEFAULT_PROBE_IMAGES, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32, batch_size: int = 8, seed: int = 0,
+                      on_batch: Callable[[int], None] | None = None) -> ProbeResult:
+    """Build the model and its data the way a study does (`build_model`, `load_data`) and probe it."""
+    from dsm_tune.evaluation.data import DataError, default_data_spec, load_data
+    from dsm_tune.evaluation.models import build_model
+
+    model = build_model(model_name, checkpoint=checkpoint, pretrained=pretrained)
+    attention_blocks(model)   # refuse an unreadable model before loading any image
+    spec = data if data is not None else default_data_spec(model_name)
+    if spec is None:
+        raise DataError(f"give --data: the images to probe {model_name} on (a folder, or a named data set)")
+    loaded = load_data(spec, model, limit=limit, seed=seed)
+    return probe_model(model, loaded.batches(batch_size), model_name=model_name, data_description=loaded.description,
+                       device=device, dtype=dtype, on_batch=on_batch)
+
+
+__all__ = ["ProbeResult", "BlockStats", "ProbeError", "probe_model", "probe_named_model", "load_probe",
+           "find_convergence", "convergence_rule", "attention_blocks", "render_table", "curves"]
