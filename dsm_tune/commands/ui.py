@@ -97,8 +97,14 @@ def serve(command: list[str]) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        stop_process_group(server)
-        restore_sigterm()
+        # A second Ctrl-C or kill while the server shuts down must not cut the clean-up short.
+        stopping = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+        try:
+            stop_process_group(server)
+        finally:
+            restore_sigterm()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping)
 
 
 def stop_process_group(leader: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
