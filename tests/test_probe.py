@@ -4,6 +4,7 @@ bounded memory (head chunks give the same numbers), and the real pretrained ViT-
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import timm
@@ -242,3 +243,70 @@ def test_real_vit_small_converges_after_the_first_blocks():
     assert similarity[-1] > similarity[0] + 0.1
     assert all(0.0 < stats.entropy < 1.0 for stats in result.blocks)
     assert math.isclose(sum(1 for _ in result.blocks), 12)
+
+
+# `dsm-tune probe` end to end --------------------------------------------------------------------------------------
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    from dsm_tune.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def one_thread():
+    # Several engineers' tests share two cores; an oversubscribed OpenMP pool is far slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cli_probes_the_demo_model(capsys, tmp_path, one_thread):
+    code, out, err = run_cli(capsys, "probe", "--model", "demo", "--limit", "16", "--out", str(tmp_path))
+    assert code == 0, err
+    result = load_probe(tmp_path / "probe.json")
+    assert result.num_images == 16 and result.num_blocks == 6 and result.grid == (16, 16)
+    assert "Fashion-MNIST" in result.data
+    table_rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d\.\d{3}\s", line)]
+    assert [int(row[0]) for row in table_rows] == list(range(6))
+    assert [float(row[1]) for row in table_rows] == pytest.approx(result.curve("entropy"), abs=6e-4)
+    assert result.rule in out
+    assert result.describe_convergence() in out
+    png, html = tmp_path / "probe.png", tmp_path / "probe.html"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "plotly" in html.read_text()[:200_000].lower()
+
+
+def test_cli_probes_the_real_vit_small(capsys, tmp_path, shared_assets, one_thread):
+    if not DINOV2_WEIGHTS.is_file() or not IMAGENET_SAMPLE.is_dir():
+        pytest.skip(f"real-weights asset absent: {DINOV2_WEIGHTS} / {IMAGENET_SAMPLE}")
+    code, out, err = run_cli(capsys, "probe", "--model", "vit_small_patch14_dinov2", "--checkpoint",
+                             str(DINOV2_WEIGHTS), "--data", str(IMAGENET_SAMPLE), "--limit", "16",
+                             "--out", str(tmp_path))
+    assert code == 0, err
+    result = load_probe(tmp_path / "probe.json")
+    assert result.num_images == 16 and result.num_blocks == 12 and result.num_tokens == 257
+    assert f"convergence block {result.convergence_block} (rule: " in out
+
+
+def test_cli_refuses_a_model_without_attention_blocks(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "probe", "--model", "mixer_s16_224", "--data", str(tmp_path))
+    assert code == 2
+    assert err.startswith("dsm-tune: error: MlpMixer block 0 has") and err.count("\n") == 1
+
+
+def test_cli_refuses_an_empty_image_folder(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli(capsys, "probe", "--model", "demo", "--data", str(tmp_path / "empty"),
+                             "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert "holds no images" in err and err.count("\n") == 1
+    assert not (tmp_path / "out" / "probe.json").exists()
+
+
+def test_cli_needs_data_for_a_model_without_a_default(capsys):
+    code, out, err = run_cli(capsys, "probe", "--model", "vit_tiny")
+    assert code == 2 and "give --data" in err and err.count("\n") == 1
