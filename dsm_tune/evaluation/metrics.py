@@ -35,6 +35,10 @@ _CACHE_FORMAT = 1
 DEFAULT_INPUT_CACHE_BYTES = 2 << 30
 # Guards the early-abort bound against float round-off in the running sums.
 _ABORT_EPSILON = 1e-9
+# Multi-fidelity screening: the share of the images a config is scored on before it may be stopped as clearly
+# over the limit, and how many standard errors "clearly" means (one-sided, about 2% false stops at 2.0).
+SCREEN_FRACTION = 0.25
+SCREEN_Z = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -195,23 +199,39 @@ class AccuracyEvaluator:
     # -- scoring a merged model -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def evaluate(self, merged_model: torch.nn.Module, max_drop: float | None = None) -> AccuracyResult:
-        """Score `merged_model` chunk by chunk; stop once its drop over all images must exceed `max_drop`."""
+    def evaluate(self, merged_model: torch.nn.Module, max_drop: float | None = None,
+                 screen_drop: float | None = None) -> AccuracyResult:
+        """Score `merged_model` chunk by chunk; stop once its drop over all images must exceed `max_drop`.
+
+        With `screen_drop`, evaluation is multi-fidelity: once a stratified prefix of at least `SCREEN_FRACTION`
+        of the images is scored, it stops when the drop is above `screen_drop` with confidence (the prefix mean
+        minus `SCREEN_Z` standard errors still exceeds it). The result is then an estimate from the prefix,
+        marked `aborted` with `extra["screened"]`; configs that could be within the limit are scored on every
+        image."""
         merged_model.to(self.device, self.dtype).eval()
         total = self.data.num_images
         tally = _Tally(self.metric, int(self._dense_correct.sum()) if self.metric == "top1" else 0)
         seen = 0
-        aborted = False
+        aborted = screened = False
         for images in self._input_batches():
             count = images.shape[0]
             outputs = model_outputs(merged_model, images, self.metric).float().cpu()
             tally.add(outputs, self.dense_outputs[seen:seen + count], self.labels[seen:seen + count],
                       self._dense_correct[seen:seen + count] if self.metric == "top1" else None)
             seen += count
-            if max_drop is not None and seen < total and tally.certain_drop(total, seen) > max_drop + _ABORT_EPSILON:
+            if seen >= total:
+                break
+            if max_drop is not None and tally.certain_drop(total, seen) > max_drop + _ABORT_EPSILON:
                 aborted = True
                 break
-        return tally.result(self.baseline_value, seen, total, aborted)
+            if screen_drop is not None and seen >= SCREEN_FRACTION * total and \
+                    tally.drop_lower_bound(seen, SCREEN_Z) > screen_drop:
+                aborted = screened = True
+                break
+        result = tally.result(self.baseline_value, seen, total, aborted)
+        if screened:
+            result.extra["screened"] = True
+        return result
 
 
 class _Tally:
@@ -226,6 +246,9 @@ class _Tally:
         self.kl_sum = 0.0
         self.distance_sum = 0.0  # sum of (1 - cosine)
         self.min_cosine = 1.0
+        # Per-image drop contributions (points), for the standard error of the drop on a prefix.
+        self.loss_sum = 0.0
+        self.loss_sq_sum = 0.0
 
     def add(self, merged: torch.Tensor, dense: torch.Tensor, labels: torch.Tensor,
             dense_correct: torch.Tensor | None) -> None:
@@ -233,14 +256,30 @@ class _Tally:
             cosine = F.cosine_similarity(merged, dense, dim=1)
             self.distance_sum += float((1.0 - cosine).sum())
             self.min_cosine = min(self.min_cosine, float(cosine.min()))
+            self._add_losses(100.0 * (1.0 - cosine.double()))
             return
         merged_pred = merged.argmax(1)
-        self.agree += int((merged_pred == dense.argmax(1)).sum())
+        agrees = merged_pred == dense.argmax(1)
+        self.agree += int(agrees.sum())
         dense_logp, merged_logp = F.log_softmax(dense, 1), F.log_softmax(merged, 1)
         self.kl_sum += float((dense_logp.exp() * (dense_logp - merged_logp)).sum())
         if self.metric == "top1":
-            self.merged_correct += int((merged_pred == labels).sum())
+            merged_correct = merged_pred == labels
+            self.merged_correct += int(merged_correct.sum())
             self.dense_correct += int(dense_correct.sum())
+            self._add_losses(100.0 * (dense_correct.double() - merged_correct.double()))
+        else:
+            self._add_losses(100.0 * (~agrees).double())
+
+    def _add_losses(self, losses: torch.Tensor) -> None:
+        self.loss_sum += float(losses.sum())
+        self.loss_sq_sum += float((losses * losses).sum())
+
+    def drop_lower_bound(self, seen: int, z: float) -> float:
+        """Mean drop on the `seen` images minus `z` standard errors of that mean."""
+        mean = self.loss_sum / seen
+        variance = max(self.loss_sq_sum / seen - mean * mean, 0.0) * seen / max(seen - 1, 1)
+        return mean - z * (variance / seen) ** 0.5
 
     def certain_drop(self, total: int, seen: int) -> float:
         """The smallest drop over all `total` images still possible after `seen`: every remaining image perfect."""

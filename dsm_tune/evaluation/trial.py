@@ -40,29 +40,58 @@ class TrialOutcome:
 
     config: object  # DSMConfig bound to the model
     accuracy: AccuracyResult | None
-    latency: LatencyResult
+    latency: LatencyResult | None       # None when the timing policy said it could not enter the front
     report: dict
     eval_seconds: float
+    timing_skipped: str | None = None
 
     def flat(self) -> dict:
-        acc = self.accuracy
-        return {
+        acc, lat = self.accuracy, self.latency
+        flat = {
             "metric": acc.metric if acc else None,
             "metric_value": acc.value if acc else None,
             "accuracy_drop": acc.drop if acc else None,
             "aborted": acc.aborted if acc else False,
-            "latency_ms": self.latency.candidate_ms,
-            "latency_iqr_ms": self.latency.candidate_iqr_ms,
-            "baseline_latency_ms": self.latency.baseline_ms,
-            "baseline_latency_iqr_ms": self.latency.baseline_iqr_ms,
-            "speedup": self.latency.speedup,
-            "speedup_iqr": self.latency.speedup_iqr,
-            "compile_s": self.latency.compile_s,
+            "latency_ms": lat.candidate_ms if lat else None,
+            "latency_iqr_ms": lat.candidate_iqr_ms if lat else None,
+            "baseline_latency_ms": lat.baseline_ms if lat else None,
+            "baseline_latency_iqr_ms": lat.baseline_iqr_ms if lat else None,
+            "speedup": lat.speedup if lat else None,
+            "speedup_iqr": lat.speedup_iqr if lat else None,
+            "compile_s": lat.compile_s if lat else None,
             "flops_ratio": float(self.report["flops_ratio"]),
             "tokens_kept": float(self.report["tokens_kept"]),
             "num_images": acc.num_images if acc else 0,
             "eval_seconds": self.eval_seconds,
         }
+        if acc is not None and acc.extra.get("screened"):
+            flat["screened"] = True
+        if self.timing_skipped:
+            flat["fail_reason"] = f"not timed: {self.timing_skipped}"
+        return flat
+
+
+def timing_skip_reason(accuracy: AccuracyResult | None, policy: dict | None) -> str | None:
+    """Why timing this config would be wasted, under the driver's `policy`, or None to time it.
+
+    policy: {"max_drop": limit, "front": [[drop, speedup], ...] (timed feasible points so far),
+             "predicted_speedup": p, "margin": m}. A config over the limit cannot enter the feasible front; one
+    whose predicted speedup, even `margin` (relative) better than predicted, is matched by a timed point at no
+    larger drop cannot either."""
+    if not policy or accuracy is None:
+        return None
+    drop = accuracy.drop
+    if accuracy.aborted or drop > policy["max_drop"]:
+        return f"accuracy drop {drop:.3f} is over the limit {policy['max_drop']:g}"
+    predicted = policy.get("predicted_speedup")
+    if predicted is None:
+        return None
+    optimistic = predicted * (1.0 + policy.get("margin", 0.0))
+    for front_drop, front_speedup in policy.get("front", ()):
+        if front_drop <= drop and front_speedup >= optimistic:
+            return (f"predicted {predicted:.3f}x (+{policy.get('margin', 0.0):.0%}) is dominated by a timed "
+                    f"{front_speedup:.3f}x at drop {front_drop:.3f}")
+    return None
 
 
 class TrialEvaluator:
@@ -138,26 +167,33 @@ class TrialEvaluator:
         check_fits(self.model, cfg)
         return cfg if cfg.model is not None else cfg.replace(model=self.fingerprint)
 
-    def evaluate_detailed(self, cfg) -> TrialOutcome:
+    def evaluate_detailed(self, cfg, screen_drop: float | None = None,
+                          timing: dict | None = None) -> TrialOutcome:
+        """Accuracy first, then latency. `screen_drop` turns on the multi-fidelity screen of the accuracy pass
+        (`AccuracyEvaluator.evaluate`); `timing` is the driver's policy for skipping the latency measurement of a
+        config that cannot enter the front (`timing_skip_reason`). Without either, everything is measured: an
+        infeasible point then still tells a plain sampler what that much merging buys."""
         from dsm_tune.merging import apply_dsm, merge_report, remove_dsm
 
         begin = time.perf_counter()
         cfg = self.bind(cfg)
         report = merge_report(self.model, cfg)
         apply_dsm(self.merged_model, cfg)
+        latency = None
         try:
-            accuracy = self.accuracy.evaluate(self.merged_model, self.max_drop) if self.accuracy else None
-            # Latency is measured for aborted trials too: an infeasible point still tells the sampler what
-            # that much merging buys.
-            latency = measure_latency(self.model, self.merged_model, self.target, self.input_shape,
-                                      **self._latency_kwargs)
+            accuracy = self.accuracy.evaluate(self.merged_model, self.max_drop, screen_drop) \
+                if self.accuracy else None
+            skipped = timing_skip_reason(accuracy, timing)
+            if skipped is None:
+                latency = measure_latency(self.model, self.merged_model, self.target, self.input_shape,
+                                          **self._latency_kwargs)
         finally:
             remove_dsm(self.merged_model)
-        if self._baseline is None:
+        if self._baseline is None and latency is not None:
             self._record_baseline(latency, dense_only=False)
         return TrialOutcome(config=cfg, accuracy=accuracy, latency=latency, report=report,
-                            eval_seconds=time.perf_counter() - begin)
+                            eval_seconds=time.perf_counter() - begin, timing_skipped=skipped)
 
-    def evaluate(self, cfg) -> dict:
+    def evaluate(self, cfg, screen_drop: float | None = None, timing: dict | None = None) -> dict:
         """Score one DSMConfig: the flat dict of the contract (docs/interfaces.md)."""
-        return self.evaluate_detailed(cfg).flat()
+        return self.evaluate_detailed(cfg, screen_drop=screen_drop, timing=timing).flat()

@@ -38,6 +38,7 @@ import yaml
 
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.merging import MAX_RATIO, ConfigError, DSMConfig, ModelFingerprint, Stage, block_plan
+from dsm_tune.search.shapes import BUDGET_PARAM, Shape, compile_schedule
 
 # The repository's search_spaces/ in a checkout; in an installed wheel, its copy inside the package (setup.py maps
 # search_spaces/ to the package dsm_tune.search_spaces, so the repository keeps the one copy people edit).
@@ -56,10 +57,13 @@ SPACE_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"^vit_huge", "vit_huge"),
 )
 
-KNOWN_KEYS = {
-    "description", "start_layer", "start_layer_fraction", "hierarchy_depth", "num_stages", "stage_ratio",
-    "ratio_step", "stage_split", "proportional_attention", "constraints",
-}
+COMMON_KEYS = {"description", "start_layer", "start_layer_fraction", "hierarchy_depth", "proportional_attention",
+               "constraints"}
+# A sampled space: every stage's ratio and split is its own parameter (the first spaces; still accepted).
+SAMPLED_KEYS = {"num_stages", "stage_ratio", "ratio_step", "stage_split"}
+# A traced space: a shape (where and how merging is spread) and a budget (how much), see search/shapes.py.
+TRACED_KEYS = {"budget", "local_blocks", "front_loading", "max_evals_per_shape"}
+KNOWN_KEYS = COMMON_KEYS | SAMPLED_KEYS | TRACED_KEYS
 KNOWN_CONSTRAINTS = {"min_tokens_kept"}
 DEFAULT_RATIO_STEP = 0.01
 # ToMe reference points: constant r per block removing about these fractions of the patch tokens over the model.
@@ -237,15 +241,7 @@ class SearchSpace:
     # constraints ---------------------------------------------------------------------------------------------
     def violation(self, cfg: DSMConfig) -> str | None:
         """Why `cfg` breaks the space's hard constraints (not worth measuring), or None."""
-        if self.min_tokens_kept is None:
-            return None
-        plans = block_plan(cfg, self.fingerprint)
-        initial = self.fingerprint.grid[0] * self.fingerprint.grid[1]
-        kept = (plans[-1].tokens_out if plans else initial) / initial
-        if kept < self.min_tokens_kept:
-            return (f"keeps {kept:.3f} of the patch tokens, under the space's min_tokens_kept "
-                    f"{self.min_tokens_kept}")
-        return None
+        return _min_tokens_violation(cfg, self.fingerprint, self.min_tokens_kept)
 
     # seeds ---------------------------------------------------------------------------------------------------
     def seeds(self) -> list[Seed]:
@@ -322,6 +318,96 @@ class SearchSpace:
         return round(min(low + steps * self.ratio_step, high), _RATIO_DIGITS)
 
 
+def _min_tokens_violation(cfg: DSMConfig, fingerprint: ModelFingerprint, min_kept: float | None) -> str | None:
+    if min_kept is None:
+        return None
+    plans = block_plan(cfg, fingerprint)
+    initial = fingerprint.grid[0] * fingerprint.grid[1]
+    kept = (plans[-1].tokens_out if plans else initial) / initial
+    if kept < min_kept:
+        return f"keeps {kept:.3f} of the patch tokens, under the space's min_tokens_kept {min_kept}"
+    return None
+
+
+# Traced spaces ---------------------------------------------------------------------------------------------------
+
+DEFAULT_MAX_EVALS_PER_SHAPE = 4
+# Budget steps finer than this rarely change latency measurably; the tracer stops bisecting below it.
+BUDGET_RESOLUTION = 0.015
+
+
+@dataclass(frozen=True)
+class TracedSpace:
+    """Shapes and budgets (search/shapes.py): the sampler picks shapes, `BudgetTracer` traces each one's budget.
+
+    Parameters of every trial: the shape's (`SHAPE_PARAMS`) and `budget`; `suggest` maps them to the config, so a
+    resumed or re-queued trial compiles to the same config."""
+
+    source: Path
+    fingerprint: ModelFingerprint
+    start_layer: tuple[int, int]
+    hierarchy_depth: tuple[int, int]
+    local_blocks: tuple[int, int]
+    front_loading: tuple[float, float]
+    budget: tuple[float, float]
+    proportional_attention: tuple[bool, ...]
+    min_tokens_kept: float | None = None
+    max_evals_per_shape: int = DEFAULT_MAX_EVALS_PER_SHAPE
+    description: str = ""
+
+    def suggest_shape(self, trial: Any) -> Shape:
+        depth = trial.suggest_int("hierarchy_depth", *self.hierarchy_depth)
+        return Shape(
+            start_layer=trial.suggest_int("start_layer", *self.start_layer),
+            hierarchy_depth=depth,
+            # Without windows the local stage length means nothing: keep it fixed so TPE sees one shape.
+            local_blocks=trial.suggest_int("local_blocks", *self.local_blocks) if depth else self.local_blocks[0],
+            front_loading=trial.suggest_float("front_loading", *self.front_loading),
+            proportional_attention=bool(trial.suggest_categorical("proportional_attention",
+                                                                  list(self.proportional_attention))))
+
+    def suggest(self, trial: Any) -> DSMConfig:
+        shape = self.suggest_shape(trial)
+        return self.compile(shape, trial.suggest_float(BUDGET_PARAM, *self.budget))
+
+    def compile(self, shape: Shape, budget: float) -> DSMConfig:
+        return compile_schedule(shape, budget, self.fingerprint)
+
+    def config_from_params(self, params: Mapping[str, Any]) -> DSMConfig:
+        return self.compile(Shape.from_params(params), float(params[BUDGET_PARAM]))
+
+    def params_for(self, shape: Shape, budget: float) -> dict[str, Any]:
+        return {**shape.params(), BUDGET_PARAM: budget}
+
+    def violation(self, cfg: DSMConfig) -> str | None:
+        return _min_tokens_violation(cfg, self.fingerprint, self.min_tokens_kept)
+
+    def seed_shapes(self) -> list[tuple[str, Shape]]:
+        """Known shapes to trace first: ToMe's constant count from block 0, the DSM paper's delay with one local
+        level, and a delayed front-loaded global schedule (merge most where tokens are many)."""
+        blocks = self.fingerprint.num_blocks
+        clip = lambda value, bounds: min(max(value, bounds[0]), bounds[1])
+        prop = True if True in self.proportional_attention else self.proportional_attention[0]
+        delay = clip(max(1, round(blocks / 6)), self.start_layer)
+        candidates = [
+            ("tome", Shape(clip(0, self.start_layer), clip(0, self.hierarchy_depth), self.local_blocks[0],
+                           clip(0.0, self.front_loading), prop)),
+            ("paper", Shape(delay, clip(1, self.hierarchy_depth), clip(max(1, (blocks - delay) // 3),
+                                                                        self.local_blocks),
+                            clip(0.0, self.front_loading), prop)),
+            ("front", Shape(clip(1, self.start_layer), clip(0, self.hierarchy_depth), self.local_blocks[0],
+                            clip(1.0, self.front_loading), prop)),
+        ]
+        unique: dict[str, tuple[str, Shape]] = {}
+        for kind, shape in candidates:
+            unique.setdefault(shape.key(), (kind, shape))
+        return list(unique.values())
+
+    @property
+    def budget_resolution(self) -> float:
+        return max(BUDGET_RESOLUTION, 1.0 / (self.fingerprint.grid[0] * self.fingerprint.grid[1]))
+
+
 def plan_key(cfg: DSMConfig, fingerprint: ModelFingerprint | None = None) -> str:
     """What a config computes: per block, the windows it matches in and the tokens it merges in each, plus
     proportional attention when anything merges at all. Configs with equal plan keys run the same merged model
@@ -372,6 +458,17 @@ def _read_mapping(text: str, where: str) -> Mapping[str, Any]:
     unknown = sorted(set(map(str, data)) - KNOWN_KEYS)
     if unknown:
         raise SpaceError(f"{where}: key {unknown[0]!r}: unknown key; known keys: {', '.join(sorted(KNOWN_KEYS))}")
+    if is_traced(data):
+        mixed = sorted(set(map(str, data)) & SAMPLED_KEYS)
+        if mixed:
+            raise SpaceError(f"{where}: key {mixed[0]!r} belongs to a sampled space, but 'budget' makes this a traced "
+                             f"space (shape + budget): use {', '.join(sorted(TRACED_KEYS))} instead of "
+                             f"{', '.join(sorted(SAMPLED_KEYS))}")
+    else:
+        stray = sorted(set(map(str, data)) & (TRACED_KEYS - {"budget"}))
+        if stray:
+            raise SpaceError(f"{where}: key {stray[0]!r} needs 'budget' (the traced space's merge amount, e.g. "
+                             f"budget: [0.0, 0.9])")
     return data
 
 
@@ -380,10 +477,17 @@ def precheck_space(text: str, source: Path = Path("<space>")) -> None:
     _read_mapping(text, source.name or str(source))
 
 
-def parse_space(text: str, fingerprint: ModelFingerprint, source: Path = Path("<space>")) -> SearchSpace:
+def parse_space(text: str, fingerprint: ModelFingerprint,
+                source: Path = Path("<space>")) -> "SearchSpace | TracedSpace":
+    """A `TracedSpace` when the file gives a `budget`, else a `SearchSpace` (per-stage sampled ratios)."""
     where = source.name if source.name else str(source)
     data = _read_mapping(text, where)
-    return _SpaceParser(where, data, fingerprint).parse(source)
+    parser = _SpaceParser(where, data, fingerprint)
+    return parser.parse_traced(source) if is_traced(data) else parser.parse(source)
+
+
+def is_traced(data: Mapping[str, Any]) -> bool:
+    return "budget" in data
 
 
 class _SpaceParser:
@@ -432,6 +536,31 @@ class _SpaceParser:
         return SearchSpace(source=source, fingerprint=self.fp, start_layer=start, hierarchy_depth=depth,
                            num_stages=stages, stage_ratio=ratios, ratio_step=ratio_step, stage_split=split,
                            proportional_attention=proportional, min_tokens_kept=min_kept, description=description)
+
+    def parse_traced(self, source: Path) -> TracedSpace:
+        blocks = self.fp.num_blocks
+        start = self.start_layer(blocks)
+        depth = self.hierarchy_depth(start)
+        local = self.number_range("local_blocks", int) if "local_blocks" in self.data else (1, 1)
+        if local[0] < 1:
+            raise self.fail("local_blocks", f"a windowed level needs at least one block, got {local[0]}")
+        front = self.number_range("front_loading", float) if "front_loading" in self.data else (0.0, 0.0)
+        if not -4.0 <= front[0] <= front[1] <= 4.0:
+            raise self.fail("front_loading", f"exponents must lie within [-4, 4], got {list(front)}")
+        budget = self.number_range("budget", float)
+        if not 0.0 <= budget[0] <= budget[1] < 1.0:
+            raise self.fail("budget", f"must be shares of the patch tokens within [0, 1), got {list(budget)}")
+        evals = self.data.get("max_evals_per_shape", DEFAULT_MAX_EVALS_PER_SHAPE)
+        if isinstance(evals, bool) or not isinstance(evals, int) or evals < 2:
+            raise self.fail("max_evals_per_shape", f"must be an integer >= 2 (a bracket needs two points), "
+                                                   f"got {evals!r}")
+        description = self.data.get("description", "")
+        if not isinstance(description, str):
+            raise self.fail("description", "must be text")
+        return TracedSpace(source=source, fingerprint=self.fp, start_layer=start, hierarchy_depth=depth,
+                           local_blocks=local, front_loading=front, budget=budget,
+                           proportional_attention=self.proportional_attention(), min_tokens_kept=self.constraints(),
+                           max_evals_per_shape=evals, description=description)
 
     def start_layer(self, blocks: int) -> tuple[int, int]:
         has_abs, has_frac = "start_layer" in self.data, "start_layer_fraction" in self.data
@@ -495,7 +624,8 @@ class _SpaceParser:
     def stage_ratio(self, max_stages: int, step: float) -> tuple[tuple[float, float], ...]:
         key = "stage_ratio"
         if key not in self.data:
-            raise self.fail(key, "missing: give the per-stage merge ratio range, e.g. [0.0, 0.4]")
+            raise self.fail(key, "missing: give 'budget' (the share of patch tokens merged away by the end, e.g. "
+                                 "[0.0, 0.9], a traced space) or the per-stage merge ratio range, e.g. [0.0, 0.4]")
         value = self.data[key]
         per_stage = isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value)
         if per_stage:

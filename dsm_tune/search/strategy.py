@@ -1,0 +1,289 @@
+"""The traced search: a sampler picks shapes, each shape's budget is traced by bisection, a latency model decides
+what is worth timing.
+
+Why: the per-stage ratio space has about ten loosely coupled dimensions; a 30-trial TPE cannot learn its
+structure, and on a real ViT-S it lost to a hand sweep of ToMe's r (issue 8). Split the schedule instead into a
+*shape* (start, hierarchy, spread over blocks, proportional attention: what accuracy mostly depends on) and a
+*budget* (how many tokens go: what latency depends on, monotonically). Then:
+- the shape sampler sees one number per shape (its traced front, scored with the latency model, which averages
+  the timing noise of every trial instead of carrying one trial's), so it learns from few, clean signals; it
+  alternates a model-based proposal (TPE) with a small mutation of the best shape so far, because a handful of
+  shapes is too few for TPE alone;
+- `BudgetTracer` finds each shape's best budget within the limit in a few trials (search/tracer.py);
+- accuracy is screened on a stratified quarter of the images first (`screen_drop`): clearly infeasible budgets
+  cost a quarter of a trial, and they still bracket the bisection;
+- latency is predicted from the token schedule by `LatencyModel` (search/costmodel.py), fitted online, and only
+  configs that could enter the front are timed (`timing`); predicted and measured speedups of every timed trial
+  are recorded (`speedup_predicted`), so the model's error is reported.
+
+Every measured config is an ordinary trial of the study, enqueued with fixed parameters (the shape's and
+`budget`) and compiled by `TracedSpace.suggest`; so resume, MLflow, trials.csv and export work unchanged. Nothing
+here is stored apart from the trials: on resume the tracers, the latency model and the shape sampler are rebuilt
+by replaying the finished trials through `observe`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from dsm_tune.merging import DSMConfig
+from dsm_tune.search.costmodel import LatencyModel
+from dsm_tune.search.shapes import BUDGET_PARAM, SHAPE_PARAMS, Shape
+from dsm_tune.search.space import TracedSpace, plan_key
+from dsm_tune.search.tracer import BudgetTracer, TracePoint, log_drop_slope
+
+SHAPE_ATTR = "shape"                 # trial user attr: the shape's key
+SPEEDUP_PREDICTED_ATTR = "speedup_predicted"
+# Score a shape by its best speedup within each of these shares of the limit: rewards the whole front.
+SCORE_TARGETS = (1.0, 0.5, 0.25)
+# Before any feasible point, a shape's first budget is this share of the space's upper bound.
+FIRST_BUDGET_SHARE = 0.5
+MIN_TIMING_MARGIN = 0.05
+DENSE_KIND = "dense"
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One config to measure: the asked trial (parameters fixed), its config and the evaluator's options."""
+
+    trial: optuna.Trial
+    cfg: DSMConfig
+    options: dict[str, Any]
+    seed_kind: str | None = None
+
+
+@dataclass
+class _ShapeRun:
+    shape: Shape
+    kind: str | None                  # seed kind (tome / paper / front), mutation, or None (sampled)
+    tracer: BudgetTracer
+    sampler_trial: optuna.Trial
+    finished: bool = False
+
+
+def _make_shape_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        # NSGA-II needs generations of dozens of shapes; a traced study sees a handful: TPE serves both.
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=3, constant_liar=True)
+
+
+class TracedProposer:
+    def __init__(self, space: TracedSpace, max_drop: float, *, sampler: str = "tpe", seed: int = 0,
+                 device: str = "cpu", batch_size: int = 1, workers: int = 1):
+        self.space = space
+        self.max_drop = max_drop
+        self.workers = max(1, workers)
+        self.latency = LatencyModel(space.fingerprint, batch_size=batch_size, device=device)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.shape_study = optuna.create_study(direction="maximize", sampler=_make_shape_sampler(sampler, seed))
+        self.rng = random.Random(seed)
+        self.runs: dict[str, _ShapeRun] = {}
+        self.seed_queue = list(space.seed_shapes())
+        self.dense_seen = False
+        self.timed_front: list[tuple[float, float]] = []   # (drop, measured speedup) of feasible timed trials
+        self.sampled_shapes = 0
+
+    # observing ---------------------------------------------------------------------------------------------
+    def observe(self, trial: FrozenTrial) -> None:
+        """A finished trial of the study (told now, or replayed on resume)."""
+        params = trial.params
+        if BUDGET_PARAM not in params:
+            return
+        attrs = trial.user_attrs
+        if attrs.get("seed_kind") == DENSE_KIND:
+            self.dense_seen = True
+        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            return   # failed trials are queued again by the driver and measured later
+        shape, budget = Shape.from_params(params), float(params[BUDGET_PARAM])
+        cfg = self.space.compile(shape, budget)
+        speedup = attrs.get("speedup")
+        timed = isinstance(speedup, (int, float)) and math.isfinite(speedup) and speedup > 0
+        if timed:
+            self.latency.add(cfg, float(speedup))
+            drop = attrs.get("accuracy_drop")
+            if isinstance(drop, (int, float)) and drop <= self.max_drop:
+                self.timed_front.append((float(drop), float(speedup)))
+        if attrs.get("seed_kind") == DENSE_KIND:
+            return
+        run = self.runs.get(shape.key()) or self._open(shape, attrs.get("seed_kind"), replay=True)
+        drop = attrs.get("accuracy_drop")
+        run.tracer.tell(budget, float(drop) if isinstance(drop, (int, float)) else None,
+                        float(speedup) if timed else None)
+        self._finish_if_done(run)
+
+    # proposing ---------------------------------------------------------------------------------------------
+    def propose(self, study: optuna.Study) -> Proposal | None:
+        if any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+            return self._replay_waiting(study)
+        if not self.dense_seen:
+            self.dense_seen = True
+            return self._ask(study, self.space.seed_shapes()[0][1], 0.0, DENSE_KIND, run=None)
+        for run in self._active():
+            budget = run.tracer.propose()
+            if budget is not None:
+                return self._ask(study, run.shape, budget, run.kind, run)
+        if len(self._active()) >= self.workers + 1:
+            return None   # every open shape waits for a result; more open shapes would only guess blindly
+        run = self._open_next()
+        if run is None:
+            return None
+        budget = run.tracer.propose()
+        return self._ask(study, run.shape, budget, run.kind, run) if budget is not None else None
+
+    def _active(self) -> list[_ShapeRun]:
+        return [run for run in self.runs.values() if not run.finished]
+
+    def _replay_waiting(self, study: optuna.Study) -> Proposal:
+        trial = study.ask()   # a trial queued again after a failure or an interruption: measure it first
+        cfg = self.space.suggest(trial)
+        kind = trial.user_attrs.get("seed_kind")
+        run = self.runs.get(Shape.from_params(trial.params).key())
+        if run is not None:
+            run.tracer.claim(float(trial.params[BUDGET_PARAM]))
+        return Proposal(trial, cfg, self._options(cfg), kind)
+
+    def _ask(self, study: optuna.Study, shape: Shape, budget: float, kind: str | None,
+             run: _ShapeRun | None) -> Proposal:
+        budget = round(budget, 4)
+        attrs: dict[str, Any] = {SHAPE_ATTR: shape.key()}
+        if kind:
+            attrs["seed_kind"] = kind
+        study.enqueue_trial(self.space.params_for(shape, budget), user_attrs=attrs)
+        trial = study.ask()
+        cfg = self.space.suggest(trial)
+        if run is not None:
+            run.tracer.claim(float(trial.params[BUDGET_PARAM]))
+        options = self._options(cfg)
+        trial.set_user_attr(SPEEDUP_PREDICTED_ATTR, round(options["timing"]["predicted_speedup"], 4))
+        return Proposal(trial, cfg, options, kind)
+
+    def _options(self, cfg: DSMConfig) -> dict[str, Any]:
+        prediction = self.latency.predict(cfg)
+        return {"screen_drop": self.max_drop,
+                "timing": {"max_drop": self.max_drop, "front": list(self.timed_front),
+                           "predicted_speedup": prediction.speedup,
+                           "margin": max(2.0 * prediction.rel_error, MIN_TIMING_MARGIN)}}
+
+    # shapes ------------------------------------------------------------------------------------------------
+    def _open(self, shape: Shape, kind: str | None, replay: bool = False) -> _ShapeRun:
+        self.shape_study.enqueue_trial(self._sampler_params(shape))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # a fixed parameter outside the sampler's range is fine here
+            sampler_trial = self.shape_study.ask()
+            self.space.suggest_shape(sampler_trial)
+        return self._register(shape, kind, sampler_trial)
+
+    def _register(self, shape: Shape, kind: str | None, sampler_trial: optuna.Trial) -> _ShapeRun:
+        resolution = self.space.budget_resolution
+        tracer = BudgetTracer(limit=self.max_drop, low=self.space.budget[0], high=self.space.budget[1],
+                              start=self._first_budget(), resolution=resolution,
+                              max_evals=self.space.max_evals_per_shape, prior_slope=self._prior_slope(),
+                              same_plan=lambda a, b, s=shape: self._same_plan(s, a, b))
+        run = self.runs[shape.key()] = _ShapeRun(shape, kind, tracer, sampler_trial)
+        return run
+
+    def _sampler_params(self, shape: Shape) -> dict[str, Any]:
+        params = shape.params()
+        if not shape.hierarchy_depth:
+            params.pop("local_blocks")
+        return params
+
+    def _open_next(self) -> _ShapeRun | None:
+        while self.seed_queue:
+            kind, shape = self.seed_queue.pop(0)
+            if shape.key() not in self.runs:
+                return self._open(shape, kind)
+        for _ in range(20):
+            self.sampled_shapes += 1
+            mutate = self.sampled_shapes % 2 == 0 and self._incumbent() is not None
+            if mutate:
+                shape, kind = self._mutate(self._incumbent().shape), "mutation"
+                if shape.key() in self.runs:
+                    continue
+                return self._open(shape, kind)
+            sampler_trial = self.shape_study.ask()
+            shape = self.space.suggest_shape(sampler_trial)
+            if shape.key() in self.runs:
+                # Already traced: tell the sampler what it scored so it moves on.
+                existing = self.runs[shape.key()]
+                self.shape_study.tell(sampler_trial, self._score(existing))
+                continue
+            return self._register(shape, None, sampler_trial)
+        return None
+
+    def _mutate(self, shape: Shape) -> Shape:
+        """A neighbour of `shape`: one or two of its parameters moved by one step, clipped to the space."""
+        space = self.space
+        clip = lambda value, bounds: min(max(value, bounds[0]), bounds[1])
+        moves = {
+            "start_layer": lambda s: {"start_layer": clip(s.start_layer + self.rng.choice((-1, 1)), space.start_layer)},
+            "hierarchy_depth": lambda s: {"hierarchy_depth": clip(s.hierarchy_depth + self.rng.choice((-1, 1)),
+                                                                  space.hierarchy_depth)},
+            "local_blocks": lambda s: {"local_blocks": clip(s.local_blocks + self.rng.choice((-1, 1)),
+                                                            space.local_blocks)},
+            "front_loading": lambda s: {"front_loading": round(clip(s.front_loading + self.rng.choice((-0.5, 0.5)),
+                                                                    space.front_loading), 3)},
+        }
+        names = [n for n in moves if n != "local_blocks" or shape.hierarchy_depth]
+        changes: dict[str, Any] = {}
+        for name in self.rng.sample(names, k=min(len(names), self.rng.choice((1, 2)))):
+            changes.update(moves[name](shape))
+        return Shape(**{**shape.params(), **changes})
+
+    def _incumbent(self) -> _ShapeRun | None:
+        finished = [run for run in self.runs.values() if run.finished]
+        return max(finished, key=self._score) if finished else None
+
+    def _finish_if_done(self, run: _ShapeRun) -> None:
+        if run.finished or not run.tracer.done():
+            return
+        run.finished = True
+        self.shape_study.tell(run.sampler_trial, self._score(run))
+
+    def _score(self, run: _ShapeRun) -> float:
+        """Mean over SCORE_TARGETS of the shape's best predicted speedup within that share of the limit."""
+        total = 0.0
+        for share in SCORE_TARGETS:
+            points = [p for p in run.tracer.points if p.drop <= share * self.max_drop]
+            total += max((self._predicted(run.shape, p) for p in points), default=1.0)
+        return total / len(SCORE_TARGETS)
+
+    def _predicted(self, shape: Shape, point: TracePoint) -> float:
+        return self.latency.predict(self.space.compile(shape, point.budget)).speedup
+
+    def _first_budget(self) -> float:
+        best = [run.tracer.best_feasible() for run in self.runs.values()]
+        budgets = sorted(p.budget for p in best if p is not None)
+        if budgets:
+            return budgets[-1] if len(budgets) < 3 else budgets[len(budgets) // 2]
+        low, high = self.space.budget
+        return low + FIRST_BUDGET_SHARE * (high - low)
+
+    def _prior_slope(self) -> float | None:
+        slopes = sorted(s for s in (log_drop_slope(run.tracer.points) for run in self.runs.values()) if s)
+        return slopes[len(slopes) // 2] if slopes else None
+
+    def _same_plan(self, shape: Shape, a: float, b: float) -> bool:
+        return plan_key(self.space.compile(shape, a)) == plan_key(self.space.compile(shape, b))
+
+    # reporting ---------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        return {"shapes_traced": sum(run.finished for run in self.runs.values()),
+                "shapes_open": len(self._active()),
+                "latency_model_rel_error": self.latency.rel_error,
+                "latency_model_points": len(self.latency.points)}
+
+
+__all__ = ["TracedProposer", "Proposal", "SHAPE_ATTR", "SPEEDUP_PREDICTED_ATTR", "SHAPE_PARAMS"]
