@@ -1,0 +1,147 @@
+"""`run --probe`: narrow a search space's start layers (and the first stage's ratios) around the probe's
+convergence block, before the study spends trials where real data already says merging hurts.
+
+`narrow_space` is a pure function on the space file's mapping (the YAML as read), so it works before the space is
+bound to a model and leaves the parser as the one place that checks a space. It returns the narrowed mapping and an
+explanation (what changed, from what, and why) that the study records.
+
+The rule:
+- start layers: the probe's convergence block `c`, plus or minus a margin of `max(1, round(L / 12))` blocks
+  (one block at 12 blocks: the real ViT-S's block moved by one between 16 and 64 probe images), kept inside the
+  space's own range where the two overlap. Starts at `c - 1` and `c + 1` (where they exist) always stay possible,
+  even when that means reaching outside the space's range: the probe has measured where the model converges,
+  the file only guessed it for a whole model family.
+- first stage ratio: the first stage merges at the start layer, where neighbouring patch keys are
+  `s_c / max_b s_b` as alike as they become at most (`s` is the probe's neighbour key cosine), so its upper ratio
+  bound is scaled by that share (snapped down to the ratio grid, never below one grid step above the low bound).
+  Later stages keep their range.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Mapping
+
+from dsm_tune.errors import DSMTuneError
+from dsm_tune.evaluation.probe import ProbeResult
+
+DEFAULT_RATIO_STEP = 0.01   # the space parser's default grid of sampled ratios
+_RATIO_DIGITS = 6
+
+
+class ProbeNarrowError(DSMTuneError):
+    """A search space `--probe` cannot narrow (its start layer is pinned), or a probe of another model."""
+
+
+def start_margin(num_blocks: int) -> int:
+    """Blocks kept on either side of the convergence block."""
+    return max(1, round(num_blocks / 12))
+
+
+def _pair(value: Any, key: str) -> tuple[float, float]:
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(items) == 1:
+        items = items * 2
+    if len(items) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
+        raise ProbeNarrowError(f"--probe cannot read the space's {key}: expected [low, high] or one number, "
+                               f"got {value!r}")
+    return float(items[0]), float(items[1])
+
+
+def start_range(mapping: Mapping[str, Any], num_blocks: int) -> tuple[str, tuple[int, int]]:
+    """The space's start-layer key and its range in blocks (fractions floored, as the space parser does)."""
+    if ("start_layer" in mapping) == ("start_layer_fraction" in mapping):
+        raise ProbeNarrowError("--probe needs the search space to give exactly one of start_layer or "
+                               "start_layer_fraction")
+    key = "start_layer" if "start_layer" in mapping else "start_layer_fraction"
+    low, high = _pair(mapping[key], key)
+    if key == "start_layer_fraction":
+        low, high = math.floor(low * num_blocks), math.floor(high * num_blocks)
+    return key, (int(low), int(high))
+
+
+def narrow_space(mapping: Mapping[str, Any], probe: ProbeResult,
+                 num_blocks: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The space narrowed by the probe, and what was narrowed and why (JSON-safe)."""
+    if probe.num_blocks != num_blocks:
+        raise ProbeNarrowError(f"the probe was measured on a {probe.num_blocks}-block model ({probe.model}) but the "
+                               f"study's model has {num_blocks} blocks; probe the study's model")
+    key, (low, high) = start_range(mapping, num_blocks)
+    if low == high:
+        raise ProbeNarrowError(f"the search space pins the start layer ({key}: {mapping[key]!r} -> block {low}), so "
+                               "--probe has nothing to narrow; give it a range (e.g. start_layer: [0, 6]) or leave "
+                               "out --probe")
+    narrowed = copy.deepcopy(dict(mapping))
+    block = probe.convergence_block
+    explanation: dict[str, Any] = {
+        "probe": {"model": probe.model, "num_images": probe.num_images, "data": probe.data},
+        "convergence_block": block, "rule": probe.rule,
+    }
+    if block is None:
+        explanation["start_layer"] = {"before": [low, high], "after": [low, high], "changed": False,
+                                      "why": "the probe found no convergence block; start layers kept"}
+        explanation["stage0_ratio"] = {"changed": False, "why": "no convergence block to scale the ratio at"}
+        return narrowed, explanation
+
+    narrowed.pop(key)
+    new_range, why = _narrow_start(block, low, high, num_blocks)
+    narrowed["start_layer"] = list(new_range)
+    explanation["start_layer"] = {"key_before": key, "space_value": _plain(mapping[key]), "before": [low, high],
+                                  "after": list(new_range), "changed": list(new_range) != [low, high], "why": why}
+    explanation["stage0_ratio"] = _narrow_first_ratio(narrowed, probe, block)
+    return narrowed, explanation
+
+
+def _narrow_start(block: int, low: int, high: int, num_blocks: int) -> tuple[tuple[int, int], str]:
+    margin = start_margin(num_blocks)
+    last_start = num_blocks - 1   # a start at L-1 still merges in the last block
+    new_low, new_high = max(low, block - margin), min(high, block + margin)
+    # Never so narrow that the blocks next to the probe's cannot be sampled.
+    new_low = min(new_low, max(0, block - 1))
+    new_high = max(new_high, min(last_start, block + 1))
+    why = f"convergence block {block} +- {margin} (margin max(1, round({num_blocks} blocks / 12)))"
+    if new_low < low or new_high > high:
+        why += f"; reaches outside the space's [{low}, {high}] so that blocks {block}-1 and {block}+1 stay possible"
+    else:
+        why += f", within the space's [{low}, {high}]"
+    return (new_low, new_high), why
+
+
+def _narrow_first_ratio(narrowed: dict[str, Any], probe: ProbeResult, block: int) -> dict[str, Any]:
+    if "stage_ratio" not in narrowed:
+        return {"changed": False, "why": "the space has no stage_ratio key; the first stage's merge amount is kept"}
+    value = narrowed["stage_ratio"]
+    per_stage = isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, (list, tuple)) for v in value)
+    first = _pair(value[0] if per_stage else value, "stage_ratio")
+    low, high = first
+    if low == high:
+        return {"changed": False, "before": [low, high], "why": "the first stage's ratio is fixed by the space"}
+    similarity = probe.curve("neighbour_similarity")
+    peak = max(similarity)
+    share = min(1.0, max(0.0, similarity[block]) / peak) if peak > 0 else 1.0
+    step = float(narrowed.get("ratio_step", DEFAULT_RATIO_STEP))
+    steps = math.floor(((high - low) * share) / step + 1e-9)
+    new_high = round(low + max(1, steps) * step, _RATIO_DIGITS)
+    new_high = min(new_high, high)
+    ranges = [list(r) for r in value] if per_stage else [[low, high] for _ in range(_max_stages(narrowed))]
+    ranges[0] = [low, new_high]
+    narrowed["stage_ratio"] = ranges
+    return {"before": [low, high], "after": [low, new_high], "changed": new_high != high,
+            "share": round(share, 4),
+            "why": f"neighbour key cosine at block {block} is {similarity[block]:.3f}, {share:.2f} of its peak "
+                   f"{peak:.3f}; the first stage's upper ratio is scaled by that share (later stages keep "
+                   f"[{low:g}, {high:g}])"}
+
+
+def _max_stages(mapping: Mapping[str, Any]) -> int:
+    if "num_stages" not in mapping:
+        return 1
+    return int(_pair(mapping["num_stages"], "num_stages")[1])
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+__all__ = ["narrow_space", "ProbeNarrowError", "start_range", "start_margin"]
