@@ -103,7 +103,7 @@ def test_first_stage_ratio_scales_with_the_redundancy_at_convergence():
     narrowed, why = narrow_space(space_file("vit_base"), probe_with(similarity, 3), 12)
     # 0.5 / 0.8 of [0, 0.4] -> 0.25; later stages keep [0, 0.4]
     assert narrowed["stage_ratio"] == [[0.0, 0.25], [0.0, 0.4], [0.0, 0.4]]
-    assert why["stage0_ratio"]["after"] == [0.0, 0.25] and why["stage0_ratio"]["share"] == pytest.approx(0.625)
+    assert why["first_stage"]["after"] == [0.0, 0.25] and why["first_stage"]["share"] == pytest.approx(0.625)
     space = reparse(narrowed, VIT_BASE)
     assert space.stage_ratio == ((0.0, 0.25), (0.0, 0.4), (0.0, 0.4))
 
@@ -126,9 +126,21 @@ def test_first_stage_keeps_at_least_one_ratio_step():
 
 def test_fixed_or_missing_ratio_is_left_alone():
     narrowed, why = narrow_space({"start_layer": [0, 6], "stage_ratio": 0.1}, flat_probe(12, 4), 12)
-    assert narrowed["stage_ratio"] == 0.1 and why["stage0_ratio"]["changed"] is False
+    assert narrowed["stage_ratio"] == 0.1 and why["first_stage"]["changed"] is False
     narrowed, why = narrow_space({"start_layer": [0, 6]}, flat_probe(12, 4), 12)
-    assert "stage_ratio" not in narrowed and "no stage_ratio key" in why["stage0_ratio"]["why"]
+    assert "stage_ratio" not in narrowed and "neither stage_ratio nor front_loading" in why["first_stage"]["why"]
+
+
+def test_traced_space_scales_front_loading():
+    mapping = {"start_layer_fraction": [0.0, 0.45], "hierarchy_depth": [0, 2], "local_blocks": [1, 3],
+               "front_loading": [-1.0, 2.0], "budget": [0.0, 0.9], "proportional_attention": [True, False]}
+    similarity = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.8, 0.8, 0.8, 0.8]
+    narrowed, why = narrow_space(mapping, probe_with(similarity, 3), 12)
+    assert narrowed["start_layer"] == [2, 4]
+    assert narrowed["front_loading"] == [-1.0, pytest.approx(-1.0 + 0.625 * 3.0)]
+    assert why["first_stage"]["key"] == "front_loading"
+    space = reparse(narrowed, VIT_BASE)
+    assert space.start_layer == (2, 4) and space.front_loading[1] == pytest.approx(0.875)
 
 
 @pytest.mark.parametrize("mapping, shown", [

@@ -11,10 +11,11 @@ The rule:
   space's own range where the two overlap. Starts at `c - 1` and `c + 1` (where they exist) always stay possible,
   even when that means reaching outside the space's range: the probe has measured where the model converges,
   the file only guessed it for a whole model family.
-- first stage ratio: the first stage merges at the start layer, where neighbouring patch keys are
-  `s_c / max_b s_b` as alike as they become at most (`s` is the probe's neighbour key cosine), so its upper ratio
-  bound is scaled by that share (snapped down to the ratio grid, never below one grid step above the low bound).
-  Later stages keep their range.
+- first stage: it merges at the start layer, where neighbouring patch keys are `s_c / max_b s_b` as alike as they
+  become at most (`s` is the probe's neighbour key cosine), so the upper bound of its merge amount is scaled by
+  that share: `stage_ratio` of the first stage in a sampled space (snapped down to the ratio grid, never below one
+  grid step above the low bound; later stages keep their range), `front_loading` in a traced (shape + budget)
+  space. This part is a heuristic: benchmarks/probe_value.py measures whether it pays.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def narrow_space(mapping: Mapping[str, Any], probe: ProbeResult,
     if block is None:
         explanation["start_layer"] = {"before": [low, high], "after": [low, high], "changed": False,
                                       "why": "the probe found no convergence block; start layers kept"}
-        explanation["stage0_ratio"] = {"changed": False, "why": "no convergence block to scale the ratio at"}
+        explanation["first_stage"] = {"key": None, "changed": False,
+                                      "why": "no convergence block to measure the redundancy at"}
         return narrowed, explanation
 
     narrowed.pop(key)
@@ -89,7 +91,7 @@ def narrow_space(mapping: Mapping[str, Any], probe: ProbeResult,
     narrowed["start_layer"] = list(new_range)
     explanation["start_layer"] = {"key_before": key, "space_value": _plain(mapping[key]), "before": [low, high],
                                   "after": list(new_range), "changed": list(new_range) != [low, high], "why": why}
-    explanation["stage0_ratio"] = _narrow_first_ratio(narrowed, probe, block)
+    explanation["first_stage"] = _narrow_first_stage(narrowed, probe, block)
     return narrowed, explanation
 
 
@@ -108,30 +110,53 @@ def _narrow_start(block: int, low: int, high: int, num_blocks: int) -> tuple[tup
     return (new_low, new_high), why
 
 
-def _narrow_first_ratio(narrowed: dict[str, Any], probe: ProbeResult, block: int) -> dict[str, Any]:
-    if "stage_ratio" not in narrowed:
-        return {"changed": False, "why": "the space has no stage_ratio key; the first stage's merge amount is kept"}
-    value = narrowed["stage_ratio"]
-    per_stage = isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, (list, tuple)) for v in value)
-    first = _pair(value[0] if per_stage else value, "stage_ratio")
-    low, high = first
-    if low == high:
-        return {"changed": False, "before": [low, high], "why": "the first stage's ratio is fixed by the space"}
+def _redundancy_share(probe: ProbeResult, block: int) -> tuple[float, str]:
     similarity = probe.curve("neighbour_similarity")
     peak = max(similarity)
     share = min(1.0, max(0.0, similarity[block]) / peak) if peak > 0 else 1.0
+    return share, (f"neighbour key cosine at block {block} is {similarity[block]:.3f}, {share:.2f} of its peak "
+                   f"{peak:.3f}")
+
+
+def _narrow_first_stage(narrowed: dict[str, Any], probe: ProbeResult, block: int) -> dict[str, Any]:
+    """Scale the upper bound of the first stage's merge amount by the redundancy at the convergence block:
+    `stage_ratio` (its first stage) in a sampled space, `front_loading` (how much the early blocks merge) in a
+    traced one."""
+    if "stage_ratio" in narrowed:
+        return _narrow_first_ratio(narrowed, probe, block)
+    if "front_loading" in narrowed:
+        low, high = _pair(narrowed["front_loading"], "front_loading")
+        if low == high:
+            return {"key": "front_loading", "changed": False, "before": [low, high],
+                    "why": "the space fixes front_loading"}
+        share, measured = _redundancy_share(probe, block)
+        new_high = round(low + share * (high - low), 4)
+        narrowed["front_loading"] = [low, new_high]
+        return {"key": "front_loading", "before": [low, high], "after": [low, new_high],
+                "changed": new_high != high, "share": round(share, 4),
+                "why": f"{measured}; the upper front-loading bound is scaled by that share"}
+    return {"key": None, "changed": False,
+            "why": "the space has neither stage_ratio nor front_loading; the first stage's merge amount is kept"}
+
+
+def _narrow_first_ratio(narrowed: dict[str, Any], probe: ProbeResult, block: int) -> dict[str, Any]:
+    value = narrowed["stage_ratio"]
+    per_stage = isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, (list, tuple)) for v in value)
+    low, high = _pair(value[0] if per_stage else value, "stage_ratio")
+    if low == high:
+        return {"key": "stage_ratio", "changed": False, "before": [low, high],
+                "why": "the first stage's ratio is fixed by the space"}
+    share, measured = _redundancy_share(probe, block)
     step = float(narrowed.get("ratio_step", DEFAULT_RATIO_STEP))
     steps = math.floor(((high - low) * share) / step + 1e-9)
-    new_high = round(low + max(1, steps) * step, _RATIO_DIGITS)
-    new_high = min(new_high, high)
+    new_high = min(round(low + max(1, steps) * step, _RATIO_DIGITS), high)
     ranges = [list(r) for r in value] if per_stage else [[low, high] for _ in range(_max_stages(narrowed))]
     ranges[0] = [low, new_high]
     narrowed["stage_ratio"] = ranges
-    return {"before": [low, high], "after": [low, new_high], "changed": new_high != high,
+    return {"key": "stage_ratio", "before": [low, high], "after": [low, new_high], "changed": new_high != high,
             "share": round(share, 4),
-            "why": f"neighbour key cosine at block {block} is {similarity[block]:.3f}, {share:.2f} of its peak "
-                   f"{peak:.3f}; the first stage's upper ratio is scaled by that share (later stages keep "
-                   f"[{low:g}, {high:g}])"}
+            "why": f"{measured}; the first stage's upper ratio is scaled by that share (snapped down to the "
+                   f"ratio_step grid; later stages keep [{low:g}, {high:g}])"}
 
 
 def _max_stages(mapping: Mapping[str, Any]) -> int:
