@@ -280,6 +280,7 @@ def test_cli_probes_the_demo_model(capsys, tmp_path, one_thread):
     assert "plotly" in html.read_text()[:200_000].lower()
 
 
+@pytest.mark.slow
 def test_cli_probes_the_real_vit_small(capsys, tmp_path, shared_assets, one_thread):
     if not DINOV2_WEIGHTS.is_file() or not IMAGENET_SAMPLE.is_dir():
         pytest.skip(f"real-weights asset absent: {DINOV2_WEIGHTS} / {IMAGENET_SAMPLE}")

@@ -366,7 +366,7 @@ def render_table(result: ProbeResult) -> str:
                      f"{stats.neighbour_similarity:>8.4f} {change:>8}{marker}")
     lines += ["", f"entropy: normalised by log({result.num_tokens} tokens), 1 = uniform; "
                   f"outliers: patch tokens per image with output norm > {result.outlier_norm_ratio:g} x the median; "
-                  "nbr cos: mean key cosine of adjacent patches",
+                  "nbr cos: mean cosine of adjacent patches' keys (centred per image)",
               result.describe_convergence()]
     return "\n".join(lines)
 
