@@ -8,6 +8,8 @@ How it stays honest (DESIGN.md section 6):
   per-pair ratios, whose interquartile range says how much to trust it;
 - a sample repeats the forward until it lasts long enough for the timer to resolve it;
 - with `compile`, both models are compiled after `torch._dynamo.reset()` and the compile time is reported apart;
+- the target's runtime decides what runs the timed forwards (`RUNTIMES`): PyTorch, or ONNX Runtime sessions of
+  both models exported with `dsm_tune.merging.export_onnx` for this measurement (export time reported apart);
 - one measurement per device at a time: a lock in this process, and a file lock per device on this host (the
   study driver runs one worker per device, the file lock catches everything else, e.g. a `dsm-tune measure`
   started beside a running study on the same machine).
@@ -54,7 +56,7 @@ class LatencyResult:
     candidate_iqr_ms: float
     speedup: float              # baseline_ms / candidate_ms
     speedup_iqr: float          # interquartile range of the per-pair ratios
-    compile_s: float | None     # first-call time of both compiled models (None when eager)
+    compile_s: float | None     # preparing both models: compile + first call, or ONNX export + sessions (None: eager)
     batch_size: int
     dtype: str
     device: str
@@ -62,6 +64,7 @@ class LatencyResult:
     runs_per_sample: int = 1
     interleaved: bool = True
     pair_speedup: float = 0.0   # median of the per-pair ratios: a second estimate, robust to bursts of load
+    runtime: str = "torch"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -139,6 +142,81 @@ def _sampler(device: torch.device) -> Callable[[Callable[[], object], int], floa
     return sample_host
 
 
+Forward = Callable[[], object]
+# A runtime prepares the two timed forwards (dense, merged) from the models and the input batch, and reports the
+# seconds preparing took (None when there is nothing to prepare).
+RuntimeContext = Callable[..., contextlib.AbstractContextManager[tuple[tuple[Forward, Forward], float | None]]]
+
+
+@contextlib.contextmanager
+def _torch_runtime(dense: torch.nn.Module, merged: torch.nn.Module, target: Target, inputs: torch.Tensor,
+                   compile_backend: str):
+    if not target.compile:
+        yield (lambda: dense(inputs), lambda: merged(inputs)), None
+        return
+    # Compiled graphs of the previous config would be reused or pile up; start each measurement clean.
+    torch._dynamo.reset()
+    try:
+        dense_compiled = torch.compile(dense, backend=compile_backend)
+        merged_compiled = torch.compile(merged, backend=compile_backend)
+        begin = time.perf_counter()
+        dense_compiled(inputs)
+        merged_compiled(inputs)
+        _synchronize(inputs.device)
+        yield (lambda: dense_compiled(inputs), lambda: merged_compiled(inputs)), time.perf_counter() - begin
+    finally:
+        torch._dynamo.reset()
+
+
+def onnxruntime_session(path: Path | str):
+    """A CPU ONNX Runtime session using as many threads as PyTorch does, so both runtimes get the same cores."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def _onnxruntime_runtime(dense: torch.nn.Module, merged: torch.nn.Module, target: Target, inputs: torch.Tensor,
+                         compile_backend: str):
+    from dsm_tune.merging import export_onnx
+    from dsm_tune.merging.export import INPUT_NAME, require_onnx_packages
+
+    require_onnx_packages("onnx", "onnxscript", "onnxruntime")
+    begin = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dsm-tune-ort-") as folder:
+        sessions = [onnxruntime_session(export_onnx(model, None, Path(folder) / f"{name}.onnx",
+                                                    batch_size=target.batch_size))
+                    for name, model in (("dense", dense), ("merged", merged))]
+        feed = {INPUT_NAME: inputs.detach().cpu().numpy()}
+        dense_session, merged_session = sessions
+        yield ((lambda: dense_session.run(None, feed), lambda: merged_session.run(None, feed)),
+               time.perf_counter() - begin)
+
+
+def _tensorrt_runtime(dense: torch.nn.Module, merged: torch.nn.Module, target: Target, inputs: torch.Tensor,
+                      compile_backend: str):
+    # The seam for GPU deployment: TensorRT would build its engines from the same export_onnx graphs and be timed
+    # with CUDA events like the torch runtime. Until that is written and checked on a GPU, it refuses clearly.
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise LatencyError(f"target '{target.name}' times with TensorRT, which is not installed here; "
+                           "use an eager or onnxruntime target") from None
+    raise LatencyError(f"target '{target.name}': timing under TensorRT is not implemented yet; export the graph "
+                       "with `dsm-tune export --onnx` and build the engine with trtexec")
+
+
+RUNTIMES: dict[str, RuntimeContext] = {
+    "torch": _torch_runtime,
+    "onnxruntime": _onnxruntime_runtime,
+    "tensorrt": _tensorrt_runtime,
+}
+
+
 def _iqr(values: list[float]) -> float:
     q1, q3 = np.percentile(values, [25, 75])
     return float(q3 - q1)
@@ -164,22 +242,15 @@ def measure_latency(dense_model: torch.nn.Module, merged_model: torch.nn.Module,
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(shape, generator=generator).to(device, dtype)
 
-    with device_lock(device), torch.inference_mode():
+    if target.runtime not in RUNTIMES:
+        raise LatencyError(f"target '{target.name}' names runtime {target.runtime!r}; known: {', '.join(RUNTIMES)}")
+    runtime = RUNTIMES[target.runtime]
+
+    with device_lock(device), torch.inference_mode(), contextlib.ExitStack() as prepared:
         for model in (dense_model, merged_model):
             model.to(device, dtype).eval()
-        dense, merged = dense_model, merged_model
-        compile_s = None
-        if target.compile:
-            # Compiled graphs of the previous config would be reused or pile up; start each measurement clean.
-            torch._dynamo.reset()
-            dense = torch.compile(dense_model, backend=compile_backend)
-            merged = torch.compile(merged_model, backend=compile_backend)
-            begin = time.perf_counter()
-            dense(inputs)
-            merged(inputs)
-            _synchronize(device)
-            compile_s = time.perf_counter() - begin
-        forwards = (lambda: dense(inputs), lambda: merged(inputs))
+        forwards, compile_s = prepared.enter_context(runtime(dense_model, merged_model, target, inputs,
+                                                             compile_backend))
         for _ in range(warmup):
             for forward in forwards:
                 forward()
@@ -203,8 +274,6 @@ def measure_latency(dense_model: torch.nn.Module, merged_model: torch.nn.Module,
         finally:
             if gc_was_enabled:
                 gc.enable()
-        if target.compile:
-            torch._dynamo.reset()
 
     dense_times, merged_times = times
     baseline_ms, candidate_ms = float(np.median(dense_times)), float(np.median(merged_times))
@@ -215,4 +284,5 @@ def measure_latency(dense_model: torch.nn.Module, merged_model: torch.nn.Module,
         speedup=baseline_ms / candidate_ms, speedup_iqr=_iqr(ratios),
         compile_s=compile_s, batch_size=target.batch_size, dtype=target.dtype, device=target.device,
         repeats=repeats, runs_per_sample=runs, interleaved=interleave, pair_speedup=float(np.median(ratios)),
+        runtime=target.runtime,
     )

@@ -18,6 +18,9 @@ from dsm_tune.errors import DSMTuneError
 PROFILES_PATH = Path(__file__).with_name("targets.yaml")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _FIELDS = ("device", "dtype", "batch_size", "compile", "ray_resources", "num_gpus")
+_OPTIONAL_FIELDS = ("runtime",)
+# What runs the forward being timed: PyTorch (eager or torch.compile), or a graph exported with export_onnx.
+RUNTIMES = ("torch", "onnxruntime", "tensorrt")
 _DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -34,6 +37,7 @@ class Target:
     compile: bool
     ray_resources: dict
     num_gpus: float
+    runtime: str = "torch"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -47,7 +51,7 @@ class Target:
         return dataclasses.asdict(self)
 
     def describe(self) -> str:
-        mode = "compiled" if self.compile else "eager"
+        mode = self.runtime if self.runtime != "torch" else ("compiled" if self.compile else "eager")
         return f"{self.name} ({self.device}, {self.dtype}, batch {self.batch_size}, {mode})"
 
 
@@ -67,9 +71,10 @@ def available_targets() -> list[str]:
 
 def _validated(name: str, fields: object, origin: str) -> Target:
     if not isinstance(fields, dict):
-        raise TargetError(f"target '{name}' in {origin} must be a mapping of {', '.join(_FIELDS)}")
+        raise TargetError(f"target '{name}' in {origin} must be a mapping of {', '.join(_FIELDS)} "
+                          f"(optionally {', '.join(_OPTIONAL_FIELDS)})")
     missing = [f for f in _FIELDS if f not in fields]
-    unknown = sorted(set(fields) - set(_FIELDS))
+    unknown = sorted(set(fields) - set(_FIELDS) - set(_OPTIONAL_FIELDS))
     if missing or unknown:
         problem = f"missing {', '.join(missing)}" if missing else f"unknown field(s) {', '.join(unknown)}"
         raise TargetError(f"target '{name}' in {origin}: {problem}")
@@ -92,8 +97,22 @@ def _validated(name: str, fields: object, origin: str) -> Target:
         raise TargetError(f"target '{name}': num_gpus must be a number >= 0, got {num_gpus!r}")
     if device.startswith("cuda") and num_gpus == 0:
         raise TargetError(f"target '{name}': a cuda target must reserve a GPU (num_gpus > 0)")
+    runtime = fields.get("runtime", "torch")
+    _check_runtime(name, runtime, device, dtype, fields["compile"])
     return Target(name=name, device=device, dtype=dtype, batch_size=batch_size, compile=fields["compile"],
-                  ray_resources=dict(resources), num_gpus=float(num_gpus))
+                  ray_resources=dict(resources), num_gpus=float(num_gpus), runtime=runtime)
+
+
+def _check_runtime(name: str, runtime: object, device: str, dtype: str, compile: bool) -> None:
+    if runtime not in RUNTIMES:
+        raise TargetError(f"target '{name}': runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime != "torch" and compile:
+        raise TargetError(f"target '{name}': compile applies to the torch runtime only, not {runtime}")
+    if runtime == "onnxruntime" and (device != "cpu" or dtype != "float32"):
+        raise TargetError(f"target '{name}': the onnxruntime runtime times float32 graphs on the CPU "
+                          f"(got {device}, {dtype})")
+    if runtime == "tensorrt" and not device.startswith("cuda"):
+        raise TargetError(f"target '{name}': the tensorrt runtime needs a cuda device, got {device}")
 
 
 def check_device_present(target: Target) -> None:
