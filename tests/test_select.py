@@ -128,7 +128,7 @@ def test_freeze_trial_is_the_full_frozen_document(study):
     assert document["model"] == DEMO_FINGERPRINT
     assert document["merge"] == trial.user_attrs["config"]["merge"]
     assert document["target"] == {"profile": "cpu", "device": "cpu", "dtype": "float32", "batch_size": 8,
-                                  "compile": False}
+                                  "compile": False, "runtime": "torch"}
     for key in ("metric", "metric_value", "accuracy_drop", "latency_ms", "latency_iqr_ms", "baseline_latency_ms",
                 "speedup", "flops_ratio", "tokens_kept", "num_images"):
         assert document["metrics"][key] == trial.user_attrs[key], key

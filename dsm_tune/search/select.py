@@ -188,7 +188,7 @@ def _target_document(spec: Mapping[str, Any]) -> dict[str, Any]:
     profile = load_target(str(spec.get("target")), batch_size=spec.get("batch_size"), dtype=spec.get("dtype"),
                           compile=spec.get("compile"), check_available=False)
     return {"profile": profile.name, "device": profile.device, "dtype": profile.dtype,
-            "batch_size": profile.batch_size, "compile": bool(profile.compile)}
+            "batch_size": profile.batch_size, "compile": bool(profile.compile), "runtime": profile.runtime}
 
 
 def _study_trial(study: Any, number: int) -> Any:
