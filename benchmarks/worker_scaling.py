@@ -23,8 +23,9 @@ from pathlib import Path
 from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.results import load_study
 from dsm_tune.search.study import StudySpec, run_study
+from dsm_tune.search.testing import StandInFactory
 from dsm_tune.search.tracking import NullTracker
-from dsm_tune.search.workers import StandInFactory, start_ray, stop_ray
+from dsm_tune.search.workers import start_ray, stop_ray
 
 # The demo model's shape: the stand-in's metrics come from its token schedule.
 DEMO = ModelFingerprint("dsm_tune_demo_vit", 6, (16, 16), 1, (32, 32), 64)

@@ -16,7 +16,8 @@ from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.results import load_study, open_storage, pareto_numbers, trials_frame
 from dsm_tune.search.space import load_space
 from dsm_tune.search.study import StudyError, StudySpec, run_study
-from dsm_tune.search.workers import StandInFactory, start_ray, stop_ray
+from dsm_tune.search.testing import StandInFactory
+from dsm_tune.search.workers import start_ray, stop_ray
 
 DEMO = ModelFingerprint("dsm_tune_demo_vit", 6, (16, 16), 1, (32, 32), 64)
 COST_S = 0.02
@@ -37,13 +38,15 @@ def ray_session():
 class RecordingTracker:
     """Tracker protocol double: records calls; can raise KeyboardInterrupt after N trials (a Ctrl-C)."""
 
+    parent_run_id = None
+
     def __init__(self, interrupt_after: int | None = None):
         self.started: list[bool] = []
         self.trials: list[dict] = []
         self.ended: list[list[int]] = []
         self.interrupt_after = interrupt_after
 
-    def start_study(self, spec, study_dir, resumed):
+    def start_study(self, study_dir, attrs, resumed):
         self.started.append(resumed)
 
     def log_trial(self, record):
@@ -54,7 +57,7 @@ class RecordingTracker:
     def refresh_artifacts(self, study_dir):
         pass
 
-    def end_study(self, pareto_trial_numbers):
+    def end_study(self, pareto_trial_numbers, records=()):
         self.ended.append(list(pareto_trial_numbers))
 
 
@@ -302,13 +305,10 @@ def test_dsm_tune_run_on_the_demo_model_writes_a_best_config_that_applies(tmp_pa
 def test_latency_objective_cancels_drift_between_trials():
     """Two trials timed while the machine drifted (raw medians 80 ms and 40 ms) but with the same interleaved
     speedup must get the same latency objective: the study's dense reference over the speedup."""
-    from dsm_tune.search.study import _Driver
+    from dsm_tune.search.study.tell import objective_latency
 
-    driver = _Driver.__new__(_Driver)
-    driver.reference_latency_ms = 50.0
-    assert driver._objective_latency({"latency_ms": 80.0, "speedup": 2.0}) == 25.0
-    assert driver._objective_latency({"latency_ms": 40.0, "speedup": 2.0}) == 25.0
+    assert objective_latency({"latency_ms": 80.0, "speedup": 2.0}, 50.0) == 25.0
+    assert objective_latency({"latency_ms": 40.0, "speedup": 2.0}, 50.0) == 25.0
     # Without a speedup (or a reference) the raw measurement is all there is.
-    assert driver._objective_latency({"latency_ms": 80.0, "speedup": None}) == 80.0
-    driver.reference_latency_ms = None
-    assert driver._objective_latency({"latency_ms": 80.0, "speedup": 2.0}) == 80.0
+    assert objective_latency({"latency_ms": 80.0, "speedup": None}, 50.0) == 80.0
+    assert objective_latency({"latency_ms": 80.0, "speedup": 2.0}, None) == 80.0

@@ -18,7 +18,7 @@ from dsm_tune.search.select import Rule, freeze_trial, pick_winner
 from dsm_tune.search.tracking import (METRIC_KEYS, PARENT_ATTR, PENDING_NAME, MlflowTracker, NullTracker,
                                       TrackingError, resolve_tracking_uri, trial_record)
 from .mlflow_helpers import copy_store, free_port, make_empty_store
-from .synthetic_study import add_measured, create_study, make_config, populate, spec_dict
+from .synthetic_study import add_measured, create_study, make_config, populate
 
 EXPERIMENT = "dsm-tune/dsm_tune_demo_vit/cpu"
 
@@ -35,7 +35,7 @@ def _finish_like_the_driver(tracker, study, study_dir):
     freeze_trial(study, pick_winner(df, Rule(), 1.0)).to_json(study_dir / "best.json")
     (study_dir / "space.yaml").write_text("start_layer: [0, 3]\n")
     tracker.refresh_artifacts(study_dir)
-    tracker.end_study(pareto_numbers(df))
+    tracker.end_study(pareto_numbers(df), [trial_record(t) for t in study.trials])
     return df
 
 
@@ -56,7 +56,7 @@ def logged(tmp_path_factory, store_template):
     populate(study)
     tracker = MlflowTracker(out=out)
     assert tracker.uri == uri  # the default store is <out>/mlflow.db
-    parent_id = tracker.start_study(spec_dict("demo-cpu"), study_dir, resumed=False)
+    parent_id = tracker.start_study(study_dir, study.user_attrs, resumed=False)
     for trial in study.trials:
         tracker.log_trial(trial_record(trial))
     df = _finish_like_the_driver(tracker, study, study_dir)
@@ -130,7 +130,8 @@ def test_parent_run_tags_artifacts_and_study_attr(logged):
     assert {"pareto.html", "pareto.png", "trials.csv", "best.json", "space.yaml"} <= names
     # Artifacts sit next to the database, not in ./mlruns of whatever folder the study ran from.
     assert list((logged["out"] / "mlartifacts").rglob("pareto.png"))
-    assert logged["study"].user_attrs[PARENT_ATTR] == logged["parent_id"]
+    # A pure consumer: the driver, not the tracker, keeps the run id in the study (test_study checks it).
+    assert PARENT_ATTR not in logged["study"].user_attrs
     assert mlflow.active_run() is None  # explicit run ids only
 
 
@@ -139,7 +140,7 @@ def test_resume_reuses_the_parent_and_never_duplicates(tmp_path, store_template)
     study, study_dir = create_study(tmp_path, "resumed")
     populate(study)
     first = MlflowTracker(out=tmp_path)
-    parent_id = first.start_study(spec_dict("resumed"), study_dir, resumed=False)
+    parent_id = first.start_study(study_dir, study.user_attrs, resumed=False)
     for trial in study.trials[:10]:
         first.log_trial(trial_record(trial))
     # The first driver dies here: no end_study. It had also created trial 10's run without finishing it.
@@ -149,7 +150,9 @@ def test_resume_reuses_the_parent_and_never_duplicates(tmp_path, store_template)
                                            "dsm_tune.role": "trial"})
 
     second = MlflowTracker(out=tmp_path)
-    assert second.start_study(spec_dict("resumed"), study_dir, resumed=True) == parent_id
+    # What the driver stored from the first run's `parent_run_id`.
+    stored = {**study.user_attrs, PARENT_ATTR: first.parent_run_id}
+    assert second.start_study(study_dir, stored, resumed=True) == parent_id
     assert client.get_run(parent_id).info.status == "RUNNING"
     for trial in study.trials:  # a resumed driver may log old trials again
         second.log_trial(trial_record(trial))
@@ -171,7 +174,7 @@ def test_dead_server_queues_trials_and_a_resume_logs_them(tmp_path, store_templa
     populate(study)
     dead = MlflowTracker(uri=f"http://127.0.0.1:{free_port()}", out=tmp_path, retry_interval_s=0)
     with caplog.at_level(logging.WARNING, logger="dsm_tune.search.tracking"):
-        assert dead.start_study(spec_dict("offline"), study_dir, resumed=False) is None
+        assert dead.start_study(study_dir, study.user_attrs, resumed=False) is None
         for trial in study.trials[:5]:
             dead.log_trial(trial_record(trial))  # must not raise
         dead.refresh_artifacts(study_dir)
@@ -188,23 +191,23 @@ def test_dead_server_queues_trials_and_a_resume_logs_them(tmp_path, store_templa
     # The next run of the study (here against a reachable store) logs what was queued as soon as it starts.
     uri = copy_store(store_template, tmp_path / "store")
     live = MlflowTracker(uri=uri, out=tmp_path)
-    parent_id = live.start_study(spec_dict("offline"), study_dir, resumed=True)
+    parent_id = live.start_study(study_dir, study.user_attrs, resumed=True)
     assert parent_id is not None and not (study_dir / PENDING_NAME).exists()
     client = MlflowClient(tracking_uri=uri)
     _, children = _runs(client)
     assert sorted(int(c.data.tags["trial_number"]) for c in children) == [0, 1, 2, 3, 4]
-    # end_study also logs what the storage holds and MLflow lacks (trials measured while nobody listened).
-    live.end_study(pareto_numbers(trials_frame(study)))
+    # end_study also logs the finished trials MLflow lacks (measured while nobody listened).
+    live.end_study(pareto_numbers(trials_frame(study)), [trial_record(t) for t in study.trials])
     _, children = _runs(client)
     assert sorted(int(c.data.tags["trial_number"]) for c in children) == list(range(16))
-    assert study.user_attrs[PARENT_ATTR] == parent_id
+    assert live.parent_run_id == parent_id and PARENT_ATTR not in study.user_attrs
 
 
 def test_experiment_name_override_and_uri_resolution(tmp_path, store_template, monkeypatch):
     uri = copy_store(store_template, tmp_path)
     study, study_dir = create_study(tmp_path, "named")
     tracker = MlflowTracker(out=tmp_path, experiment="team/vit-speedups")
-    tracker.start_study(spec_dict("named"), study_dir, resumed=False)
+    tracker.start_study(study_dir, study.user_attrs, resumed=False)
     assert MlflowClient(tracking_uri=uri).get_experiment_by_name("team/vit-speedups") is not None
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
@@ -218,7 +221,7 @@ def test_experiment_name_override_and_uri_resolution(tmp_path, store_template, m
 
 def test_null_tracker_does_nothing(tmp_path):
     tracker = NullTracker()
-    assert tracker.start_study(None, tmp_path, resumed=False) is None
+    assert tracker.start_study(tmp_path, {}, resumed=False) is None
     tracker.log_trial({"number": 0})
     tracker.refresh_artifacts(tmp_path)
     tracker.end_study([0])
@@ -226,13 +229,18 @@ def test_null_tracker_does_nothing(tmp_path):
 
 
 def test_plots_are_refreshed_while_trials_come_in(tmp_path, store_template):
+    """The driver's live outputs redraw the plots from the trials it told and have the tracker upload them."""
+    from dsm_tune.search.folder import StudyFolder
+    from dsm_tune.search.study.outputs import LiveOutputs
+
     uri = copy_store(store_template, tmp_path)
     study, study_dir = create_study(tmp_path, "live")
-    tracker = MlflowTracker(out=tmp_path, artifact_interval_s=0)
-    parent_id = tracker.start_study(spec_dict("live"), study_dir, resumed=False)
+    tracker = MlflowTracker(out=tmp_path)
+    parent_id = tracker.start_study(study_dir, study.user_attrs, resumed=False)
+    outputs = LiveOutputs(StudyFolder.at(study_dir), 1.0, tracker, interval_s=0)
     for i, (drop, latency) in enumerate([(0.0, 10.0), (0.4, 8.0), (2.0, 6.0)]):
-        # Trials the driver adds after the tracker opened the study are seen on the next refresh.
         trial = add_measured(study, make_config(i, 0, [0.1 * i]), drop, latency)
+        outputs.trial_told(study)
         tracker.log_trial(trial_record(trial))
         html = (study_dir / "pareto.html").read_text()
         assert f"{i + 1} measured of {i + 1} trials" in html
@@ -250,7 +258,7 @@ def test_driver_run_leaves_one_parent_with_a_child_per_trial_equal_to_trials_csv
 
     from dsm_tune.merging import ModelFingerprint
     from dsm_tune.search.study import StudySpec, run_study
-    from dsm_tune.search.workers import StandInFactory
+    from dsm_tune.search.testing import StandInFactory
 
     fingerprint = ModelFingerprint("dsm_tune_demo_vit", 6, (16, 16), 1, (32, 32), 64)
     spec = StudySpec(model="demo", target="cpu", trials=16, workers=1, out=tmp_path, max_accuracy_drop=0.5)

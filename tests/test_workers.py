@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from dsm_tune.merging import DSMConfig, ModelFingerprint, Stage
+from dsm_tune.search.testing import StandInEvaluator, StandInFactory
 from dsm_tune.search.workers import (
-    Placement, StandInEvaluator, StandInFactory, TimingGuard, TrialWorker, WorkerPool, start_ray, stop_ray,
+    Placement, TimingGuard, TrialDone, TrialWorker, WorkerDied, WorkerPool, WorkerReady, start_ray, stop_ray,
 )
 
 DEMO = ModelFingerprint("dsm_tune_demo_vit", 6, (16, 16), 1, (32, 32), 64)
@@ -83,10 +84,11 @@ def test_a_waiting_timer_is_not_starved_by_new_accuracy_passes(tmp_path):
         thread.join(5)
 
 
-def test_worker_without_phase_hook_times_the_whole_evaluation_exclusively(tmp_path, monkeypatch):
-    class PlainEvaluator:          # like a TrialEvaluator whose evaluate() takes only the config
+def test_worker_times_the_whole_evaluation_exclusively(tmp_path, monkeypatch):
+    class PlainEvaluator:          # the Evaluator protocol at its smallest
         fingerprint = DEMO
         baseline = {"latency_ms": 1.0}
+        data_fingerprint = None
 
         def __init__(self):
             self.seen_exclusive = None
@@ -111,7 +113,7 @@ def test_worker_without_phase_hook_times_the_whole_evaluation_exclusively(tmp_pa
     monkeypatch.setattr(TimingGuard.__init__, "__defaults__", (tmp_path / "timing.lock",))
     worker = TrialWorker(PlainEvaluator, "worker-0", guard_timing=True)
     answer = worker.evaluate(DENSE)
-    assert answer["result"]["latency_ms"] == 1.0 and "lock_wait_s" in answer["result"]
+    assert answer.result["latency_ms"] == 1.0 and "lock_wait_s" in answer.result
     assert worker.evaluator.seen_exclusive is True
     # Without the guard (GPU targets) nothing is locked.
     free = TrialWorker(PlainEvaluator, "worker-1", guard_timing=False)
@@ -127,10 +129,10 @@ def test_worker_reports_construction_and_evaluation_errors_as_data():
 
     worker = TrialWorker(broken_factory, "worker-0", guard_timing=False)
     info = worker.describe()
-    assert isinstance(info["error"], SpaceError) and "key 'x'" in info["error_text"]
+    assert isinstance(info.error, SpaceError) and "key 'x'" in info.error_text and not info.started
     failing = TrialWorker(StandInFactory(DEMO, fail_on=("*",)), "worker-1", guard_timing=False)
     answer = failing.evaluate(DENSE)
-    assert answer["error"].startswith("RuntimeError: stand-in failure") and answer["user_error"] is False
+    assert answer.error.startswith("RuntimeError: stand-in failure") and answer.user_error is False
 
 
 def test_placement_follows_the_target_profile():
@@ -164,8 +166,8 @@ def test_pool_runs_trials_and_replaces_a_dead_actor():
         deadline = time.monotonic() + 60
         while len(pool.idle_slots()) < 2 and time.monotonic() < deadline:
             events += pool.wait(0.5)
-        assert [e.kind for e in events] == ["ready", "ready"]
-        assert events[0].payload["fingerprint"] == DEMO.to_dict()
+        assert [type(e) for e in events] == [WorkerReady, WorkerReady]
+        assert events[0].info.fingerprint == DEMO.to_dict()
         first, second = pool.idle_slots()
         pool.submit(first, DENSE, "dense-task")
         pool.submit(second, MERGING, "killer-task")
@@ -173,10 +175,10 @@ def test_pool_runs_trials_and_replaces_a_dead_actor():
         while len(outcome) < 2 and time.monotonic() < deadline:
             for event in pool.wait(0.5):
                 outcome[event.task] = event
-        assert outcome["dense-task"].kind == "done"
-        assert outcome["dense-task"].payload["result"]["accuracy_drop"] == 0.0
+        assert isinstance(outcome["dense-task"], TrialDone)
+        assert outcome["dense-task"].result["accuracy_drop"] == 0.0
         died = outcome["killer-task"]
-        assert died.kind == "died" and "died mid-trial" in died.reason and died.slot is second
+        assert isinstance(died, WorkerDied) and "died mid-trial" in died.reason and died.slot is second
         pool.replace(second)
         assert second.name == "worker-1.1" and not second.idle
         while not second.idle and time.monotonic() < deadline:

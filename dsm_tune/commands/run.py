@@ -21,9 +21,6 @@ DEFAULT_WORKERS = 2
 DEFAULT_DEMO_LIMIT = 400
 DEFAULT_MAX_DROP = 1.0
 
-# Flags that only set the budget or the infrastructure: a resumed study may change them.
-RESUMABLE_FLAGS = ("trials", "timeout", "workers", "sampler", "seed", "ray_address", "mlflow_uri")
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -58,9 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_spec(args: argparse.Namespace):
     from dsm_tune.search.study import DEFAULT_SAMPLER, StudyError, StudySpec, resume_spec
+    from dsm_tune.search.study.spec import BUDGET
 
     out = Path(args.out) if args.out is not None else DEFAULT_OUT
-    changes = {name: getattr(args, name) for name in RESUMABLE_FLAGS}
+    # A resume may change the budget and infrastructure fields (`StudySpec` marks them); --no-mlflow sets `mlflow`.
+    changes = {name: getattr(args, name) for name in StudySpec.fields_of(BUDGET) if name != "mlflow"}
     if args.no_mlflow:
         changes["mlflow"] = False
     if args.model is None:

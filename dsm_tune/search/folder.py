@@ -15,6 +15,7 @@ import optuna
 from dsm_tune.errors import DSMTuneError
 
 STORAGE_FILE = "study.db"
+PENDING_FILE = "mlflow_pending.jsonl"
 
 
 class StudyError(DSMTuneError):
@@ -63,7 +64,7 @@ class StudyFolder:
     @property
     def pending_file(self) -> Path:
         """MLflow records not yet delivered (see `dsm_tune.search.tracking`)."""
-        return self.path / "mlflow_pending.jsonl"
+        return self.path / PENDING_FILE
 
     @property
     def log_file(self) -> Path:

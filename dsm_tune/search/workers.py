@@ -8,19 +8,17 @@ import (see `start_ray`).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 import socket
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Protocol, Union
 
 from dsm_tune.errors import DSMTuneError
-from dsm_tune.merging import DSMConfig, ModelFingerprint, block_plan
+from dsm_tune.merging import DSMConfig, ModelFingerprint
 
 # Ray reads this once, when it is first imported: "0" makes a local Ray resolve its node address to loopback, so
 # every Ray server of a local study listens on 127.0.0.1 only (ray.init's `_node_ip_address="127.0.0.1"` alone is
@@ -135,75 +133,91 @@ def _restore_normal_priority() -> None:
         pass
 
 
-def _accepts_guard(evaluate: Callable[..., Any]) -> bool:
-    try:
-        parameters = inspect.signature(evaluate).parameters
-    except (TypeError, ValueError):
-        return False
-    return "guard" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-
-
 # The actor -------------------------------------------------------------------------------------------------------
+
+class Evaluator(Protocol):
+    """What a worker holds: built once per actor by the study's evaluator factory (`TrialEvaluator` in
+    production, `dsm_tune.search.testing.StandInEvaluator` in tests and benchmarks)."""
+
+    fingerprint: ModelFingerprint
+    baseline: Mapping[str, Any]            # dense metric value and latency (study attr `baseline`)
+    data_fingerprint: str | None
+
+    def evaluate(self, cfg: DSMConfig, **options: Any) -> Mapping[str, Any]:
+        """Measure one config; the keys become the trial's user attrs (see docs/interfaces.md)."""
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a started actor reports: who it is and what it loaded, or why it could not start."""
+
+    name: str
+    host: str
+    pid: int
+    fingerprint: dict[str, Any] | None = None
+    baseline: dict[str, Any] = field(default_factory=dict)
+    data_fingerprint: str | None = None
+    error: DSMTuneError | None = None       # a user error (missing data, unknown model): raised by the driver
+    error_text: str | None = None           # any construction failure, as one line
+
+    @property
+    def started(self) -> bool:
+        return self.error_text is None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation's answer: the evaluator's figures, or the error it raised (the actor stays usable)."""
+
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    user_error: bool = False
+
 
 class TrialWorker:
     """Body of one Ray actor. Construction errors are kept and reported by `describe`, so a user error (missing
     data, unknown model) reaches the driver as itself, not as an anonymous dead actor."""
 
-    def __init__(self, factory: Callable[[], Any], name: str, guard_timing: bool):
+    def __init__(self, factory: Callable[[], Evaluator], name: str, guard_timing: bool):
         self.name = name
-        self.host = socket.gethostname()
-        self.pid = os.getpid()
         _restore_normal_priority()
         self.guard = TimingGuard() if guard_timing else None
-        self.evaluator = None
+        self.evaluator: Evaluator | None = None
         self.init_error: BaseException | None = None
-        started = time.perf_counter()
-        self.info: dict[str, Any] = {"name": name, "host": self.host, "pid": self.pid}
+        identity = dict(name=name, host=socket.gethostname(), pid=os.getpid())
         # Building the evaluator and reading its baseline measure the dense model (and fill the shared dense-output
         # cache): on a CPU host that is timing too, so workers start one after another.
-        startup_guard = self.guard.timing() if self.guard is not None else contextlib.nullcontext()
         try:
-            with startup_guard:
+            with self._timed():
                 self.evaluator = factory()
-                baseline = dict(getattr(self.evaluator, "baseline", {}) or {})
-            self.info["fingerprint"] = self.evaluator.fingerprint.to_dict()
-            self.info["baseline"] = baseline
-            self.info["data_fingerprint"] = (getattr(self.evaluator, "data_fingerprint", None)
-                                             or baseline.get("data_fingerprint"))
+                baseline = dict(self.evaluator.baseline)
+            self.info = WorkerInfo(**identity, fingerprint=self.evaluator.fingerprint.to_dict(), baseline=baseline,
+                                   data_fingerprint=self.evaluator.data_fingerprint)
         except Exception as exc:  # reported by describe(); the driver decides
             self.init_error = exc
-            self.info["error"] = exc if isinstance(exc, DSMTuneError) else None
-            self.info["error_text"] = f"{type(exc).__name__}: {exc}"
-            self.info["trace"] = traceback.format_exc(limit=-3)
-        self.info["init_seconds"] = time.perf_counter() - started
+            self.info = WorkerInfo(**identity, error=exc if isinstance(exc, DSMTuneError) else None,
+                                   error_text=f"{type(exc).__name__}: {exc}")
 
-    def describe(self) -> dict[str, Any]:
+    def _timed(self) -> contextlib.AbstractContextManager:
+        return self.guard.timing() if self.guard is not None else contextlib.nullcontext()
+
+    def describe(self) -> WorkerInfo:
         return self.info
 
-    def evaluate(self, cfg: DSMConfig) -> dict[str, Any]:
-        """Measure one config. Exceptions come back as {"error": ...} so the actor stays usable."""
-        started = time.perf_counter()
+    def evaluate(self, cfg: DSMConfig, options: Mapping[str, Any] | None = None) -> Evaluation:
+        """Measure one config with the evaluator's `options`. On a CPU host with several workers the whole
+        evaluation holds the host's timing lock (see `TimingGuard`)."""
         try:
             if self.evaluator is None:
                 raise RuntimeError(f"worker {self.name} has no evaluator: {self.init_error}")
-            result = self._evaluate(cfg)
+            with self._timed():
+                result = dict(self.evaluator.evaluate(cfg, **dict(options or {})))
         except Exception as exc:
-            return {"error": f"{type(exc).__name__}: {exc}", "user_error": isinstance(exc, DSMTuneError),
-                    "trace": traceback.format_exc(limit=-3), "seconds": time.perf_counter() - started}
+            return Evaluation(error=f"{type(exc).__name__}: {exc}", user_error=isinstance(exc, DSMTuneError))
         if self.guard is not None:
             result.setdefault("lock_wait_s", round(self.guard.waited_s, 3))
             self.guard.waited_s = 0.0
-        return {"result": result, "seconds": time.perf_counter() - started}
-
-    def _evaluate(self, cfg: DSMConfig) -> dict[str, Any]:
-        evaluate = self.evaluator.evaluate
-        if self.guard is None:
-            return dict(evaluate(cfg))
-        if _accepts_guard(evaluate):
-            return dict(evaluate(cfg, guard=self.guard))
-        # The evaluator does not expose its phases: the whole evaluation is one timed section.
-        with self.guard.timing():
-            return dict(evaluate(cfg))
+        return Evaluation(result=result)
 
 
 @dataclass
@@ -234,7 +248,7 @@ class Slot:
     task_ref: Any = None
     task: Any = None          # what the driver asked for (its own trial context)
     completed: int = 0        # evaluations finished by the current actor
-    info: dict[str, Any] | None = None
+    info: WorkerInfo | None = None
 
     @property
     def name(self) -> str:
@@ -245,19 +259,54 @@ class Slot:
         return self.info is not None and self.task_ref is None
 
 
+# What `WorkerPool.wait` reports, one type per kind of happening; `task` is whatever the driver submitted.
+
 @dataclass
-class PoolEvent:
-    kind: str                 # "ready" | "done" | "died"
+class WorkerReady:
     slot: Slot
-    task: Any = None
-    payload: dict[str, Any] | None = None
-    reason: str = ""
+    info: WorkerInfo
+
+
+@dataclass
+class WorkerFailedToStart:
+    """The actor runs but its evaluator could not be built (`info.error_text` says why)."""
+
+    slot: Slot
+    info: WorkerInfo
+
+
+@dataclass
+class TrialDone:
+    slot: Slot
+    task: Any
+    result: dict[str, Any]
+
+
+@dataclass
+class TrialRaised:
+    slot: Slot
+    task: Any
+    error: str
+    user_error: bool
+
+
+@dataclass
+class WorkerDied:
+    """The actor process is gone; `task` (None while starting) never finished."""
+
+    slot: Slot
+    task: Any
+    reason: str
+    completed: int            # evaluations the actor finished before dying
+
+
+PoolEvent = Union[WorkerReady, WorkerFailedToStart, TrialDone, TrialRaised, WorkerDied]
 
 
 class WorkerPool:
     """The driver's view of the actors: start, submit, wait for whatever finishes, replace the dead."""
 
-    def __init__(self, factory: Callable[[], Any], size: int, placement: Placement):
+    def __init__(self, factory: Callable[[], Evaluator], size: int, placement: Placement):
         import ray
 
         self._ray = ray
@@ -292,9 +341,10 @@ class WorkerPool:
     def busy_slots(self) -> list[Slot]:
         return [s for s in self.slots if s.task_ref is not None]
 
-    def submit(self, slot: Slot, cfg: DSMConfig, task: Any) -> None:
+    def submit(self, slot: Slot, cfg: DSMConfig, task: Any, options: Mapping[str, Any] | None = None) -> None:
+        """Evaluate `cfg` on the slot's actor as `evaluator.evaluate(cfg, **options)` (options: plain data)."""
         slot.task = task
-        slot.task_ref = slot.actor.evaluate.remote(cfg)
+        slot.task_ref = slot.actor.evaluate.remote(cfg, dict(options or {}))
 
     def pending(self) -> bool:
         return any(s.ready_ref is not None or s.task_ref is not None for s in self.slots)
@@ -326,15 +376,18 @@ class WorkerPool:
             if is_ready:
                 slot.ready_ref = None
                 slot.info = value
-                events.append(PoolEvent("ready", slot, payload=value))
+                events.append(WorkerReady(slot, value) if value.started else WorkerFailedToStart(slot, value))
+                continue
+            task = slot.task
+            slot.task_ref = slot.task = None
+            slot.completed += 1
+            if value.error is not None:
+                events.append(TrialRaised(slot, task, value.error, value.user_error))
             else:
-                task = slot.task
-                slot.task_ref = slot.task = None
-                slot.completed += 1
-                events.append(PoolEvent("done", slot, task=task, payload=value))
+                events.append(TrialDone(slot, task, value.result))
         return events
 
-    def _died(self, slot: Slot, exc: BaseException, during_start: bool) -> PoolEvent:
+    def _died(self, slot: Slot, exc: BaseException, during_start: bool) -> WorkerDied:
         task = slot.task
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         what = type(exc).__name__
@@ -343,8 +396,7 @@ class WorkerPool:
         reason = f"{slot.name} died {'while starting' if during_start else 'mid-trial'} ({what}: {first})"
         slot.ready_ref = slot.task_ref = slot.task = None
         slot.info = None
-        return PoolEvent("died", slot, task=task, reason=reason, payload={"during_start": during_start,
-                                                                          "completed": slot.completed})
+        return WorkerDied(slot, task, reason, slot.completed)
 
     def cancel_all(self) -> list[Any]:
         """Kill every actor; returns the tasks that were running."""
@@ -355,87 +407,6 @@ class WorkerPool:
             slot.ready_ref = slot.task_ref = slot.task = None
             slot.info = None
         return running
-
-
-# A stand-in evaluator --------------------------------------------------------------------------------------------
-
-class StandInEvaluator:
-    """A fixed-cost evaluator with deterministic metrics computed from the token schedule, for tests and
-    benchmarks of the orchestration (no model, no data).
-
-    Latency follows the tokens each block processes; accuracy drop grows with tokens merged early and with global
-    matching, and shrinks with proportional attention, so the search has a real trade-off to find. A config whose
-    key is in `die_on` ends the worker process abruptly (as a crash or OOM kill would); `fail_on` raises instead
-    (`"*"`: every config).
-    """
-
-    def __init__(self, fingerprint: ModelFingerprint, cost_s: float = 0.0, die_on: tuple[str, ...] = (),
-                 fail_on: tuple[str, ...] = (), die_on_init: bool = False, baseline_latency_ms: float = 10.0,
-                 die_marker: str | None = None):
-        if die_on_init:
-            os._exit(3)
-        self.fingerprint = fingerprint
-        self.cost_s = cost_s
-        self.die_on = set(die_on)
-        self.fail_on = set(fail_on)
-        self.die_marker = die_marker
-        self.baseline_latency_ms = baseline_latency_ms
-        self.baseline = {"metric": "top1", "metric_value": 90.0, "latency_ms": baseline_latency_ms,
-                         "data_fingerprint": "stand-in"}
-        self.data_fingerprint = "stand-in"
-
-    def evaluate(self, cfg: DSMConfig, guard: TimingGuard | None = None) -> dict[str, Any]:
-        key = cfg.key()
-        if key in self.die_on:
-            # Die only once per marker file when one is given, so a re-run of the same config can succeed.
-            if self.die_marker is None or not Path(self.die_marker).exists():
-                if self.die_marker is not None:
-                    Path(self.die_marker).write_text(key)
-                os._exit(1)
-        if key in self.fail_on or "*" in self.fail_on:
-            raise RuntimeError(f"stand-in failure for {key}")
-        guard_accuracy = guard.accuracy() if guard is not None else contextlib.nullcontext()
-        guard_timing = guard.timing() if guard is not None else contextlib.nullcontext()
-        started = time.perf_counter()
-        with guard_accuracy:
-            time.sleep(self.cost_s * 0.8)
-            plans = block_plan(cfg, self.fingerprint)
-            initial = self.fingerprint.grid[0] * self.fingerprint.grid[1]
-            blocks = len(plans)
-            drop = 0.0
-            for index, plan in enumerate(plans):
-                lateness = (index + 1) / blocks
-                penalty = 1.0 if plan.windows == 1 else 0.6   # local matching loses less
-                drop += 5.0 * (plan.merged / initial) * penalty * (1.5 - lateness) ** 2
-            if cfg.proportional_attention:
-                drop *= 0.85
-        with guard_timing:
-            time.sleep(self.cost_s * 0.2)
-            mean_tokens = sum(p.tokens_in + p.tokens_out for p in plans) / (2 * blocks * initial)
-            latency = self.baseline_latency_ms * (0.08 + 0.92 * mean_tokens)
-        final = plans[-1].tokens_out / initial if plans else 1.0
-        return {
-            "metric": "top1", "metric_value": 90.0 - drop, "accuracy_drop": round(drop, 6), "aborted": False,
-            "latency_ms": round(latency, 6), "latency_iqr_ms": 0.0, "baseline_latency_ms": self.baseline_latency_ms,
-            "speedup": round(self.baseline_latency_ms / latency, 6), "flops_ratio": round(mean_tokens, 6),
-            "tokens_kept": round(final, 6), "num_images": 100, "eval_seconds": time.perf_counter() - started,
-        }
-
-
-@dataclass(frozen=True)
-class StandInFactory:
-    """Picklable factory of `StandInEvaluator` for Ray actors."""
-
-    fingerprint: ModelFingerprint
-    cost_s: float = 0.0
-    die_on: tuple[str, ...] = ()
-    fail_on: tuple[str, ...] = ()
-    die_on_init: bool = False
-    die_marker: str | None = None
-
-    def __call__(self) -> StandInEvaluator:
-        return StandInEvaluator(self.fingerprint, cost_s=self.cost_s, die_on=self.die_on, fail_on=self.fail_on,
-                                die_on_init=self.die_on_init, die_marker=self.die_marker)
 
 
 def is_finite_number(value: Any) -> bool:

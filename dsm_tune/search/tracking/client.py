@@ -1,49 +1,42 @@
-"""MLflow tracking of a study: one parent run per study, one child run per trial, Pareto tags, plot artifacts.
+"""The MLflow client of a study: one parent run per study, one child run per trial, Pareto tags, artifacts.
 
 Only the driver process logs, through `MlflowClient` with explicit run ids (never MLflow's global active run), so
 Ray workers and concurrent studies cannot write into each other's runs.
 
-Resilience: the tracking store is a convenience, the study storage is the record. Any failure to reach MLflow
-is caught and reported as one warning line; the trial's record is queued in memory and in
-`<study>/mlflow_pending.jsonl` and retried on later calls, at `end_study`, and on resume. At `end_study` every
-finished trial of the study storage that MLflow still lacks is logged too, so nothing measured is lost.
+A pure consumer: the tracker never opens the study storage and never draws. The driver hands it the study attrs
+at `start_study`, each finished trial's record, and at `end_study` every finished trial (so anything MLflow lacks
+is logged too); the driver stores the parent run id (`parent_run_id`) in the study attr `mlflow_parent_run_id`
+and passes it back on resume. Children are found again by their `trial_number` tag, so logging a trial twice
+never duplicates it.
 
-Resume: the parent run id lives in the study user attr `mlflow_parent_run_id` (the tracker writes it as soon as
-both the run and the study storage exist; `start_study` also returns it). Children are found again by their
-`trial_number` tag, so logging a trial twice never duplicates it.
+Resilience: the tracking store is a convenience, the study storage is the record. Any failure to reach MLflow
+is caught and reported as one warning line; the trial's payload is queued in memory and in
+`<study>/mlflow_pending.jsonl` (`spool.Spool`) and retried on later calls, at `end_study`, and on resume.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as _dt
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
-from dsm_tune.errors import DSMTuneError
+from dsm_tune.search.folder import StudyFolder
+from dsm_tune.search.tracking.records import TRIAL_TAG, TrackingError, finite_metric, mlflow_payload, tag_value
+from dsm_tune.search.tracking.spool import Spool
 
-log = logging.getLogger(__name__)
+# One logger for the whole tracking package: its warnings are what users see of an outage.
+log = logging.getLogger("dsm_tune.search.tracking")
 
-PENDING_NAME = "mlflow_pending.jsonl"
 PARENT_ATTR = "mlflow_parent_run_id"
-STUDY_DB_NAME = "study.db"
 # Files of the study folder mirrored as parent-run artifacts (whichever exist).
 ARTIFACT_NAMES = ("pareto.html", "pareto.png", "trials.csv", "best.json", "spec.json", "space.yaml")
 
-# Trial attrs logged as child-run metrics (names as in the trials frame, so the two compare 1:1).
-METRIC_KEYS = ("metric_value", "accuracy_drop", "latency_ms", "latency_iqr_ms", "baseline_latency_ms",
-               "baseline_latency_iqr_ms", "speedup", "speedup_iqr", "flops_ratio", "tokens_kept", "num_images",
-               "eval_seconds", "compile_s", "constraint")
-# Trial attrs logged as child-run tags (strings a UI filter can match).
-TAG_KEYS = ("metric", "worker", "fail_reason", "seed_kind", "aborted")
-
-ROLE_TAG, STUDY_TAG, TRIAL_TAG, PARETO_TAG = "dsm_tune.role", "dsm_tune.study", "trial_number", "pareto"
+ROLE_TAG, STUDY_TAG, PARETO_TAG = "dsm_tune.role", "dsm_tune.study", "pareto"
 PARENT_TAG = "mlflow.parentRunId"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 RUN_STATUS_OF_STATE = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
@@ -52,15 +45,6 @@ RUN_STATUS_OF_STATE = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILL
 # server); a study should lose at most a few seconds per trial before queueing. Users' own settings win.
 BOUNDED_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-MAX_TAG_LENGTH = 5000
-
-
-class TrackingError(DSMTuneError):
-    """The tracking configuration is unusable (a malformed URI, a record without a trial number)."""
-
-
-class _Unreachable(Exception):
-    """Internal: the tracking store failed; the caller queues and moves on."""
 
 
 def resolve_tracking_uri(uri: str | None, out: Path) -> str:
@@ -84,58 +68,6 @@ def experiment_name(model: str, target: str) -> str:
     return f"dsm-tune/{model}/{target}"
 
 
-def trial_record(trial: Any) -> dict[str, Any]:
-    """The record `log_trial` takes, built from an Optuna FrozenTrial of a dsm-tune study.
-
-    Keys: number, state (COMPLETE/FAIL/PRUNED), params (Optuna's), start_ms/end_ms, and every trial user attr
-    at the top level (config, metric, accuracy_drop, latency_ms, ..., worker, fail_reason, seed_kind).
-    """
-    record: dict[str, Any] = dict(trial.user_attrs)
-    record.update(number=int(trial.number), state=trial.state.name, params=dict(trial.params),
-                  start_ms=_ms(trial.datetime_start), end_ms=_ms(trial.datetime_complete))
-    return record
-
-
-def _ms(moment: _dt.datetime | None) -> int | None:
-    return int(moment.timestamp() * 1000) if moment is not None else None
-
-
-def _as_dict(spec: Any) -> dict[str, Any]:
-    if spec is None:
-        return {}
-    if isinstance(spec, Mapping):
-        return dict(spec)
-    if dataclasses.is_dataclass(spec):
-        return dataclasses.asdict(spec)
-    if hasattr(spec, "to_dict"):
-        return dict(spec.to_dict())
-    return dict(vars(spec))
-
-
-def _first(mapping: Mapping[str, Any], *keys: str) -> Any:
-    for key in keys:
-        if mapping.get(key) not in (None, ""):
-            return mapping[key]
-    return None
-
-
-def _tag_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text[:MAX_TAG_LENGTH]
-
-
-def _finite_metric(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if not math.isnan(number) else None
-
-
 def _short(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:200]}"
@@ -153,21 +85,12 @@ def _bounded_http_retries() -> Iterator[None]:
             os.environ.pop(name, None)
 
 
-def _study_versions() -> dict[str, str]:
-    import timm
-    import torch
-
-    from dsm_tune import __version__
-
-    return {"dsm_tune": __version__, "timm": timm.__version__, "torch": torch.__version__}
-
-
 class NullTracker:
-    """The tracker protocol, doing nothing (studies run with --no-mlflow, and tests of the driver)."""
+    """The tracker protocol (`dsm_tune.search.study.Tracker`), doing nothing (studies run with --no-mlflow)."""
 
     parent_run_id: str | None = None
 
-    def start_study(self, spec: Any, study_dir: Path, resumed: bool) -> None:
+    def start_study(self, study_dir: Path, attrs: Mapping[str, Any], resumed: bool) -> str | None:
         return None
 
     def log_trial(self, record: Mapping[str, Any]) -> None:
@@ -176,7 +99,7 @@ class NullTracker:
     def refresh_artifacts(self, study_dir: Path) -> None:
         return None
 
-    def end_study(self, pareto_trial_numbers: list[int]) -> None:
+    def end_study(self, pareto_trial_numbers: list[int], records: Iterable[Mapping[str, Any]] = ()) -> None:
         return None
 
 
@@ -191,12 +114,11 @@ class MlflowTracker:
     """Logs one study into MLflow; see the module docstring for its guarantees.
 
     `retry_interval_s`: after a failure, how long log calls only queue before trying the store again
-    (`end_study` always tries). `artifact_interval_s`: while trials come in, the plots are redrawn from the
-    study storage and the parent's artifacts refreshed at most this often (None: only when asked).
+    (`end_study` always tries).
     """
 
     def __init__(self, uri: str | None = None, experiment: str | None = None, out: Path = Path("runs"),
-                 retry_interval_s: float = 30.0, artifact_interval_s: float | None = 120.0):
+                 retry_interval_s: float = 30.0):
         self.out = Path(out)
         self.uri = resolve_tracking_uri(uri, self.out)
         if "://" not in self.uri and not self.uri.startswith(("databricks", "file:")):
@@ -208,44 +130,35 @@ class MlflowTracker:
         self.experiment_id: str | None = None
         self.study_dir: Path | None = None
         self.study_name: str | None = None
-        self._spec: dict[str, Any] = {}
-        self._resumed = False
+        self._attrs: dict[str, Any] = {}
+        self._spool: Spool | None = None
         self._client = None
         self._children: dict[int, _Child] | None = None
         self._pending: dict[int, dict[str, Any]] = {}
-        self._parent_attr_saved = False
-        self._study = None
         self._offline_since: float | None = None
         self._next_attempt = 0.0
-        self.artifact_interval_s = artifact_interval_s
-        self._last_artifacts = time.monotonic()
 
     # --- protocol -----------------------------------------------------------------------------------------------
-    def start_study(self, spec: Any, study_dir: Path, resumed: bool) -> str | None:
-        """Open (or, on resume, reopen) the study's parent run; returns its id, None while MLflow is unreachable."""
-        self.study_dir = Path(study_dir)
-        self.study_dir.mkdir(parents=True, exist_ok=True)
-        self._study = None
-        self._spec = _as_dict(spec)
-        self.study_name = str(_first(self._spec, "study", "name", "study_name") or self.study_dir.name)
-        self._resumed = resumed
-        self._load_spool()
+    def start_study(self, study_dir: Path, attrs: Mapping[str, Any], resumed: bool) -> str | None:
+        """Open the study's parent run (on resume the one named by attr `mlflow_parent_run_id`) and deliver the
+        queue; returns the run id, None while MLflow is unreachable. `attrs`: the study user attrs."""
+        folder = StudyFolder.at(study_dir)
+        self.study_dir, self.study_name = folder.path, folder.name
+        self._attrs = dict(attrs)
+        self.parent_run_id = self._attrs.get(PARENT_ATTR)
+        self._children = None
+        self._spool = Spool(folder.pending_file)
+        self._pending.update(self._spool.load())
         self._attempt(force=True)
         return self.parent_run_id
 
     def log_trial(self, record: Mapping[str, Any]) -> None:
         """Log one finished trial as a child run (queued if MLflow is unreachable)."""
         self._require_started()
-        payload = self._normalise(record)
+        payload = mlflow_payload(record)
         self._pending[payload["number"]] = payload
         if not self._attempt(force=False):
-            self._write_spool()
-            return
-        due = self.artifact_interval_s is not None and \
-            time.monotonic() - self._last_artifacts >= self.artifact_interval_s
-        if due:
-            self._redraw_plots()
-            self.refresh_artifacts(self.study_dir)
+            self._spool.write(self._pending)
 
     def refresh_artifacts(self, study_dir: Path | None = None) -> None:
         """Mirror the study folder's plots, trials.csv, best.json and space into the parent run's artifacts."""
@@ -257,46 +170,41 @@ class MlflowTracker:
                 self._upload_artifacts(Path(study_dir) if study_dir is not None else self.study_dir)
         except Exception as exc:  # the store failing must not stop the study
             self._went_offline("uploading the study's artifacts", exc)
-        self._last_artifacts = time.monotonic()
 
-    def _redraw_plots(self) -> None:
-        """Plots of the trials so far, so the parent run shows the front while an overnight study runs."""
-        from dsm_tune.search.plots import write_pareto_plots
-        from dsm_tune.search.results import trials_frame
-
-        study = self._open_study()
-        if study is None:
-            return
-        spec = {**(study.user_attrs.get("spec") or {}), **self._spec}
-        try:
-            write_pareto_plots(trials_frame(study), self.study_dir, spec.get("max_accuracy_drop"))
-        except Exception as exc:  # a progress picture is not worth an overnight study
-            log.warning("dsm-tune: warning: could not redraw the Pareto plots (%s)", _short(exc))
-
-    def end_study(self, pareto_trial_numbers: list[int]) -> None:
-        """Log whatever is still missing, tag the Pareto-optimal children and close the parent run."""
+    def end_study(self, pareto_trial_numbers: list[int], records: Iterable[Mapping[str, Any]] = ()) -> None:
+        """Log whatever is still missing (of the queue and of `records`, every finished trial of the study),
+        tag the Pareto-optimal children and close the parent run."""
         self._require_started()
         self._attempt(force=True)
         if self.parent_run_id is None:
-            self._write_spool()
+            self._queue_missing(records, {})
+            self._spool.write(self._pending)
             log.warning("dsm-tune: warning: MLflow at %s is still unreachable; %d trial(s) stay queued in %s and "
-                        "are logged when the study is resumed", self.uri, len(self._pending),
-                        self.study_dir / PENDING_NAME)
+                        "are logged when the study is resumed", self.uri, len(self._pending), self._spool.path)
             return
         try:
             with _bounded_http_retries():
-                self._backfill_from_storage()
+                self._queue_missing(records, self._children)
                 self._flush_pending()
                 self._tag_pareto(set(int(n) for n in pareto_trial_numbers))
                 self._upload_artifacts(self.study_dir)
                 self._close_parent(pareto_trial_numbers)
         except Exception as exc:
             self._went_offline("finishing the study", exc)
-            self._write_spool()
+            self._spool.write(self._pending)
             log.warning("dsm-tune: warning: %d trial(s) stay queued in %s and are logged when the study is resumed",
-                        len(self._pending), self.study_dir / PENDING_NAME)
+                        len(self._pending), self._spool.path)
             return
-        self._write_spool()
+        self._spool.write(self._pending)
+
+    def _queue_missing(self, records: Iterable[Mapping[str, Any]], children: Mapping[int, _Child]) -> None:
+        for record in records:
+            number = int(record["number"])
+            if record.get("state") not in RUN_STATUS_OF_STATE or number in self._pending:
+                continue
+            child = children.get(number)
+            if child is None or child.status not in TERMINAL_STATUSES:
+                self._pending[number] = mlflow_payload(record)
 
     # --- the connection -------------------------------------------------------------------------------------------
     @property
@@ -319,7 +227,6 @@ class MlflowTracker:
             with _bounded_http_retries():
                 if self.parent_run_id is None or self._children is None:
                     self._open_parent()
-                self._save_parent_attr()
                 self._flush_pending()
         except Exception as exc:  # any failure of the store: queue, warn once, carry on
             self._went_offline("logging to it", exc)
@@ -333,14 +240,14 @@ class MlflowTracker:
         if self._offline_since is None:
             self._offline_since = time.monotonic()
             log.warning("dsm-tune: warning: MLflow at %s failed while %s (%s); trials are queued in %s and retried",
-                        self.uri, doing, _short(exc), self.study_dir / PENDING_NAME)
+                        self.uri, doing, _short(exc), self._spool.path)
         self._next_attempt = time.monotonic() + self.retry_interval_s
 
     # --- parent run -------------------------------------------------------------------------------------------
     def _open_parent(self) -> None:
         from mlflow.exceptions import MlflowException
 
-        stored = self.parent_run_id or self._stored_parent_id()
+        stored = self.parent_run_id
         if stored is not None:
             try:
                 run = self.client.get_run(stored)
@@ -360,7 +267,6 @@ class MlflowTracker:
         run = self.client.create_run(self.experiment_id, run_name=self.study_name,
                                      tags={ROLE_TAG: "study", STUDY_TAG: self.study_name})
         self.parent_run_id = run.info.run_id
-        self._parent_attr_saved = False
         self._log_parent_tags()
         self._children = {}
 
@@ -376,26 +282,22 @@ class MlflowTracker:
         return self.client.create_experiment(name, artifact_location=root.resolve().as_uri() if root else None)
 
     def _model_and_target(self) -> tuple[str, str]:
-        attrs = self._study_attrs()
-        spec = {**(attrs.get("spec") or {}), **self._spec}
-        model = _first(spec, "model", "model_name") or (attrs.get("fingerprint") or {}).get("name") or "model"
+        spec = self._attrs.get("spec") or {}
+        model = spec.get("model") or (self._attrs.get("fingerprint") or {}).get("name") or "model"
         try:
             from dsm_tune.evaluation.models import resolve_model_name
 
             model = resolve_model_name(str(model))
         except Exception:  # an alias the resolver does not know still names an experiment well enough
             pass
-        target = _first(spec, "target", "device") or "target"
-        if isinstance(target, Mapping):
-            target = _first(target, "name", "profile") or "target"
-        return str(model), str(target)
+        return str(model), str(spec.get("target") or "target")
 
     def _log_parent_tags(self) -> None:
         from mlflow.entities import RunTag
 
-        attrs = self._study_attrs()
-        spec = {**(attrs.get("spec") or {}), **self._spec}
-        versions = attrs.get("versions") or _study_versions()
+        attrs = self._attrs
+        spec = attrs.get("spec") or {}
+        versions = attrs.get("versions") or {}
         model, target = self._model_and_target()
         tags = {
             ROLE_TAG: "study", STUDY_TAG: self.study_name, "model": model, "target": target,
@@ -403,14 +305,14 @@ class MlflowTracker:
             "versions.torch": versions.get("torch"),
             # None in the spec means "the default": the space file of the model family (copied to the
             # space.yaml artifact), the model's own data, the metric its data allows.
-            "search_space": _first(spec, "space", "space_file", "search_space") or "default (artifact space.yaml)",
-            "sampler": _first(spec, "sampler"), "data": _first(spec, "data", "data_spec") or "model default",
+            "search_space": spec.get("space") or "default (artifact space.yaml)",
+            "sampler": spec.get("sampler"), "data": spec.get("data") or "model default",
             "data_fingerprint": attrs.get("data_fingerprint"),
-            "metric": _first(spec, "metric") or (attrs.get("baseline") or {}).get("metric"),
-            "max_accuracy_drop": _first(spec, "max_accuracy_drop"), "study_dir": str(self.study_dir.resolve()),
+            "metric": spec.get("metric") or (attrs.get("baseline") or {}).get("metric"),
+            "max_accuracy_drop": spec.get("max_accuracy_drop"), "study_dir": str(self.study_dir.resolve()),
             "mlflow.note.content": self._note(model, target, spec),
         }
-        tags = [RunTag(k, _tag_value(v)) for k, v in tags.items() if v is not None]
+        tags = [RunTag(k, tag_value(v)) for k, v in tags.items() if v is not None]
         self.client.log_batch(self.parent_run_id, tags=tags)
 
     def _note(self, model: str, target: str, spec: Mapping[str, Any]) -> str:
@@ -418,17 +320,6 @@ class MlflowTracker:
         return (f"dsm-tune study `{self.study_name}`: {model} on {target}"
                 + (f", accuracy-drop limit {limit}" if limit is not None else "")
                 + ". Pareto-optimal trials: filter `tags.pareto = 'true'`. Plots: artifacts pareto.html/pareto.png.")
-
-    def _save_parent_attr(self) -> None:
-        """Keep the parent id in the study storage so a resumed study finds its run again."""
-        if self._parent_attr_saved or self.parent_run_id is None:
-            return
-        study = self._open_study()
-        if study is None:
-            return
-        if study.user_attrs.get(PARENT_ATTR) != self.parent_run_id:
-            study.set_user_attr(PARENT_ATTR, self.parent_run_id)
-        self._parent_attr_saved = True
 
     def _close_parent(self, pareto_numbers: list[int]) -> None:
         from mlflow.entities import Metric, RunTag
@@ -445,7 +336,7 @@ class MlflowTracker:
                 best = {}
             figures = best.get("metrics") or {}
             for key in ("accuracy_drop", "latency_ms", "speedup", "flops_ratio"):
-                value = _finite_metric(figures.get(key))
+                value = finite_metric(figures.get(key))
                 if value is not None:
                     metrics.append(Metric(f"best_{key}", value, now, 0))
             trial = (best.get("provenance") or {}).get("trial")
@@ -480,7 +371,7 @@ class MlflowTracker:
         for number in sorted(self._pending):
             self._log_child(self._pending[number])
             del self._pending[number]
-        self._write_spool()
+        self._spool.write(self._pending)
 
     def _log_child(self, payload: Mapping[str, Any]) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -513,55 +404,6 @@ class MlflowTracker:
                 self.client.set_tag(child.run_id, PARETO_TAG, value)
                 child.pareto = value
 
-    def _backfill_from_storage(self) -> None:
-        study = self._open_study()
-        if study is None:
-            return
-        for trial in study.get_trials(deepcopy=False):
-            if trial.state.name not in RUN_STATUS_OF_STATE or trial.number in self._pending:
-                continue
-            child = self._children.get(trial.number)
-            if child is None or child.status not in TERMINAL_STATUSES:
-                self._pending[trial.number] = self._normalise(trial_record(trial))
-
-    def _normalise(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """A record (see `trial_record`) as what MLflow gets: JSON-safe params/metrics/tags."""
-        if "number" not in record:
-            raise TrackingError(f"trial record without a 'number': {sorted(record)}")
-        attrs = dict(record.get("user_attrs") or {})
-        attrs.update({k: v for k, v in record.items() if k != "user_attrs"})
-        metrics_in = {**attrs, **(attrs.get("metrics") or {})}
-        state = str(attrs.get("state") or "COMPLETE").upper().replace("TRIALSTATE.", "")
-        metrics = {}
-        for key in METRIC_KEYS:
-            value = _finite_metric(metrics_in.get(key))
-            if value is not None:
-                metrics[key] = value
-        tags = {TRIAL_TAG: str(int(attrs["number"])), "state": state}
-        reason = _first(attrs, "fail_reason", "reason")
-        for key in TAG_KEYS:
-            value = reason if key == "fail_reason" else attrs.get(key)
-            if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                tags[key] = _tag_value(value)
-        return {"number": int(attrs["number"]), "state": state, "params": self._params(attrs),
-                "metrics": metrics, "tags": tags, "start_ms": attrs.get("start_ms"), "end_ms": attrs.get("end_ms")}
-
-    @staticmethod
-    def _params(attrs: Mapping[str, Any]) -> dict[str, str]:
-        config = attrs.get("config")
-        if config is not None:
-            from dsm_tune.merging import DSMConfig
-
-            if isinstance(config, str):
-                config = json.loads(config)
-            if not isinstance(config, DSMConfig):
-                document = {k: v for k, v in dict(config).items()
-                            if k not in ("model", "target", "metrics", "provenance")}
-                config = DSMConfig.from_dict(document)
-            return {k: _tag_value(v) for k, v in config.merge_params().items()}
-        # No config (a trial that failed before its config was built): Optuna's raw parameters.
-        return {k: _tag_value(v) for k, v in (attrs.get("params") or {}).items()}
-
     # --- artifacts --------------------------------------------------------------------------------------------
     def _upload_artifacts(self, study_dir: Path) -> None:
         if self.parent_run_id is None:
@@ -570,49 +412,3 @@ class MlflowTracker:
             path = study_dir / name
             if path.is_file():
                 self.client.log_artifact(self.parent_run_id, str(path))
-
-    # --- study storage and spool ----------------------------------------------------------------------------------
-    def _open_study(self):
-        """The study (its attrs are read fresh from the storage on every access), None until it exists."""
-        if self._study is not None:
-            return self._study
-        database = self.study_dir / STUDY_DB_NAME
-        if not database.exists():
-            return None
-        import optuna
-
-        try:
-            self._study = optuna.load_study(study_name=self.study_name, storage=f"sqlite:///{database.resolve()}")
-        except KeyError:  # the database exists but holds no study of that name yet
-            return None
-        return self._study
-
-    def _study_attrs(self) -> dict[str, Any]:
-        study = self._open_study()
-        return dict(study.user_attrs) if study is not None else {}
-
-    def _stored_parent_id(self) -> str | None:
-        return self._study_attrs().get(PARENT_ATTR)
-
-    def _load_spool(self) -> None:
-        path = self.study_dir / PENDING_NAME
-        if not path.exists():
-            return
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                payload = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash mid-write; the storage backfill covers it
-                continue
-            self._pending[int(payload["number"])] = payload
-
-    def _write_spool(self) -> None:
-        path = self.study_dir / PENDING_NAME
-        if not self._pending:
-            path.unlink(missing_ok=True)
-            return
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text("".join(json.dumps(self._pending[n]) + "\n" for n in sorted(self._pending)))
-        os.replace(temporary, path)

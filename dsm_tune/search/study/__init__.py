@@ -1,0 +1,225 @@
+"""The study driver: an Optuna multi-objective study (accuracy drop, latency) run by ask/tell over Ray workers.
+
+`run_study` holds the study's lock, starts Ray, takes SIGTERM back from it, and hands the rest to the parts:
+`spec` (what and how long), `session` (storage, setup attrs, tracker, final outputs), `loop` (ask, dispatch,
+handle events), `proposer` (where configs come from), `dedup` (the plan cache), `tell` (outcomes and the latency
+objective), `outputs` (trials.csv, plots, best.json), `factory` (the production evaluator).
+
+The driver is the only writer of `<out>/<study>/study.db`; workers only evaluate configs. Everything a later run
+needs to resume is in that storage: the spec, the model fingerprint and baseline (study user attrs), every trial's
+config and measurements (trial user attrs), the wall time spent so far (`elapsed_s`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import optuna
+
+from dsm_tune.merging import ModelFingerprint
+from dsm_tune.search.folder import StudyError, StudyFolder
+from dsm_tune.search.progress import Progress
+from dsm_tune.search.space import SpaceError, parse_space, precheck_space
+from dsm_tune.search.study.factory import DefaultEvaluatorFactory, resolve_target
+from dsm_tune.search.study.loop import MAX_FRESH_DEATHS, WAIT_SLICE_S, Loop
+from dsm_tune.search.study.proposer import Proposal, Proposer, ProposerFactory, SamplerProposer, default_proposer
+from dsm_tune.search.study.session import StudyResult, StudySession, Tracker
+from dsm_tune.search.study.spec import DEFAULT_SAMPLER, SAMPLERS, StudySpec, resume_spec
+from dsm_tune.search.workers import (
+    Evaluator, Placement, WorkerFailedToStart, WorkerInfo, WorkerPool, WorkerReady, start_ray, stop_ray,
+)
+
+__all__ = ["StudySpec", "StudyResult", "StudyError", "run_study", "resume_spec", "SAMPLERS", "DEFAULT_SAMPLER",
+           "Tracker", "Proposer", "Proposal", "SamplerProposer", "ProposerFactory", "Evaluator"]
+
+STARTUP_NOTICE_S = 120.0      # a worker not up by then probably cannot be placed: say what it needs
+
+
+def run_study(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | None = None,
+              tracker: Tracker | None = None, stream: TextIO | None = None,
+              proposer_factory: ProposerFactory | None = None) -> StudyResult:
+    """Run (or resume) the study of `spec` to its trial/time budget; see the module docstring.
+
+    `evaluator_factory` builds one evaluator per worker (default: the real `TrialEvaluator` for the spec);
+    `tracker` receives the trials (default: MLflow unless `spec.mlflow` is False); `proposer_factory(space, spec)`
+    gives the proposer of configs (default: `default_proposer`, Optuna's sampler over the space).
+    """
+    from filelock import FileLock, Timeout
+
+    stream = stream or sys.stderr
+    folder = spec.folder
+    created = not folder.path.exists()
+    folder.path.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder.lock_file))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise StudyError(f"study {spec.study!r} is being run by another dsm-tune process ({folder.lock_file} is "
+                         f"locked)") from None
+    try:
+        return _run_locked(spec, evaluator_factory, tracker, stream, proposer_factory or default_proposer)
+    finally:
+        lock.release()
+        if created and not folder.storage_file.exists():
+            # A start that failed before the study existed leaves nothing behind (not a folder with a .lock).
+            shutil.rmtree(folder.path, ignore_errors=True)
+
+
+def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | None, tracker: Tracker | None,
+                stream: TextIO, proposer_factory: ProposerFactory) -> StudyResult:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder = spec.folder
+    resumed = folder.holds_study()
+    if resumed:
+        spec.check_same_study(folder.load().user_attrs["spec"])
+    # Read the space before any worker starts so a malformed file fails fast; the fingerprint check comes later.
+    space_text, space_source = _space_text(spec, folder, resumed)
+    precheck_space(space_text, space_source)
+    progress = Progress(total=spec.trials, max_drop=spec.max_accuracy_drop, stream=stream)
+    progress.message(f"dsm-tune: {'resuming' if resumed else 'starting'} study {spec.study!r} in {folder.path} "
+                     f"({spec.model} on {spec.target}, {spec.workers} worker(s), sampler {spec.sampler})")
+    session = StudySession(spec, progress, tracker if tracker is not None else _make_tracker(spec), resumed)
+    if resumed:
+        session.open()
+        if session.budget_spent():
+            # Nothing to measure: no workers, no Ray; refresh the outputs from the storage.
+            return session.finish(stream, "budget", 0, interrupted=False)
+    factory = evaluator_factory or DefaultEvaluatorFactory.from_spec(spec)
+    target = resolve_target(spec) if evaluator_factory is None else None
+    placement = Placement.for_target(target, spec.workers) if target is not None else Placement()
+    started_ray = start_ray(spec.ray_address, num_cpus=max(os.cpu_count() or 1, spec.workers)
+                            if spec.ray_address is None else None)
+    # Ray installs a fatal-signal handler for SIGTERM that ends the process on the spot; a `kill` should stop the
+    # study as cleanly as Ctrl-C does (running trials failed and queued again), so take SIGTERM back.
+    restore_sigterm = _sigterm_as_interrupt()
+    pool: WorkerPool | None = None
+    loop: Loop | None = None
+    interrupted = False
+    try:
+        pool = WorkerPool(factory, spec.workers, placement)
+        info = _wait_first_worker(pool, progress)
+        if info.baseline.get("metric") is None:
+            raise StudyError(f"model {spec.model} has no evaluation data, so no accuracy can be measured: give "
+                             f"--data (an image folder or a named data set)")
+        fingerprint = ModelFingerprint.from_dict(info.fingerprint)
+        space = parse_space(space_text, fingerprint, space_source)
+        session.open()
+        session.record_setup(info, fingerprint, space_text)
+        session.prepare(space)
+        session.start_tracking()
+        elapsed_before = float(session.study.user_attrs.get("elapsed_s") or 0.0)
+        loop = Loop(spec, session.study, session.storage, space, proposer_factory(space, spec), pool, progress,
+                    elapsed_before, session.trial_told)
+        interrupted = _run_loop(loop, progress, session)
+    finally:
+        if pool is not None:
+            pool.cancel_all()
+        stop_ray(started_ray)
+        restore_sigterm()
+    return session.finish(stream, "interrupt" if interrupted else loop.stopped_by, loop.measured_now, interrupted)
+
+
+def _run_loop(loop: Loop, progress: Progress, session: StudySession) -> bool:
+    """Run the loop to its budget; True when Ctrl-C (or SIGTERM) stopped it."""
+    progress.update(force=True)
+    try:
+        loop.run()
+        return False
+    except KeyboardInterrupt:
+        progress.close()
+        requeued = loop.interrupt()
+        progress.message(f"dsm-tune: interrupted; {requeued} unfinished trial(s) marked failed and queued again")
+        return True
+    finally:
+        progress.close()
+        session.study.set_user_attr("elapsed_s", round(loop.elapsed(), 3))
+
+
+def _make_tracker(spec: StudySpec) -> Tracker:
+    from dsm_tune.search.tracking import MlflowTracker, NullTracker
+
+    if not spec.mlflow:
+        return NullTracker()
+    return MlflowTracker(uri=spec.mlflow_uri, out=spec.out)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Make SIGTERM raise KeyboardInterrupt (main thread only); returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _wait_first_worker(pool: WorkerPool, progress: Progress) -> WorkerInfo:
+    """Block until one worker has loaded the model (its fingerprint and baselines set up the study)."""
+    started = time.monotonic()
+    warned = False
+    failures = 0
+    while True:
+        if not warned and time.monotonic() - started > STARTUP_NOTICE_S:
+            placement = pool.placement
+            progress.message(f"dsm-tune: still waiting for a worker to start (each needs {placement.num_cpus:g} CPU"
+                             f"{f', {placement.num_gpus:g} GPU' if placement.num_gpus else ''}"
+                             f"{', ' + str(placement.resources) if placement.resources else ''}); "
+                             f"check that the cluster has such a node (`ray status`)")
+            warned = True
+        for event in pool.wait(WAIT_SLICE_S):
+            if isinstance(event, WorkerReady):
+                return event.info
+            if isinstance(event, WorkerFailedToStart):
+                if event.info.error is not None:
+                    raise event.info.error   # a user error (missing data, unknown model): as itself, at once
+                reason = event.info.error_text
+            else:
+                reason = event.reason
+            failures += 1
+            if failures >= MAX_FRESH_DEATHS:
+                raise StudyError(f"workers cannot start ({failures} attempts), last: {reason}")
+            progress.message(f"dsm-tune: a worker failed to start: {reason}; retrying")
+            pool.replace(event.slot)
+
+
+def _space_text(spec: StudySpec, folder: StudyFolder, resumed: bool) -> tuple[str, Path]:
+    """The space YAML: on resume the study's own copy (editing search_spaces/ later cannot change a study)."""
+    copy = folder.space_copy
+    if resumed and copy.is_file():
+        text = copy.read_text()
+        if spec.space is not None and _read_space(Path(spec.space)) != text:
+            raise StudyError(f"--space {spec.space} differs from the space study {spec.study!r} was started "
+                             f"with ({copy}); resume without --space or start a new study")
+        return text, copy
+    if spec.space is not None:
+        source = Path(spec.space)
+    else:
+        from dsm_tune.search.space import space_file_for
+
+        source = space_file_for(spec.model)
+        if source.stem == "generic":
+            try:   # an alias may name a family the pattern list knows by its timm name
+                from dsm_tune.evaluation.models import resolve_model_name
+
+                source = space_file_for(resolve_model_name(spec.model))
+            except Exception:  # an unknown model fails clearly when the worker builds it
+                pass
+    return _read_space(source), source
+
+
+def _read_space(source: Path) -> str:
+    try:
+        return source.read_text()
+    except FileNotFoundError:
+        raise SpaceError(f"search space file not found: {source}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpaceError(f"cannot read search space file {source}: {exc}") from None

@@ -1,0 +1,229 @@
+"""The ask/tell loop: get a proposal, settle it without a worker when it can be (invalid, over the space's hard
+constraint, a duplicate plan), give it to an idle worker otherwise, and handle one typed pool event at a time.
+
+One trial is asked ahead of need (`ready`) so a worker that finishes gets its next config at once, while the
+driver writes the finished trial to the storage; TPE's constant liar treats the asked trial as pending.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import optuna
+
+from dsm_tune.search.folder import StudyError
+from dsm_tune.search.progress import Progress
+from dsm_tune.search.results import config_attr
+from dsm_tune.search.space import SearchSpace, SpaceError, plan_key
+from dsm_tune.search.study.dedup import SETTLED, PlanCache, Task
+from dsm_tune.search.study.proposer import Proposal, Proposer
+from dsm_tune.search.study.spec import StudySpec
+from dsm_tune.search.study.tell import Teller
+from dsm_tune.search.workers import (
+    PoolEvent, Slot, TrialDone, TrialRaised, WorkerDied, WorkerFailedToStart, WorkerPool, WorkerReady,
+)
+
+MAX_FRESH_DEATHS = 3          # consecutive deaths of actors that never finished a trial -> stop
+MAX_CONSECUTIVE_ERRORS = 5    # consecutive trials whose evaluation raised -> stop (a bug, not a bad config)
+WAIT_SLICE_S = 0.5
+
+
+class Loop:
+    """Runs one session of the study to its budget. `on_told(frozen_trial)` runs after every tell (outputs,
+    tracking); `stopped_by` says why `run` returned: trials | timeout | exhausted (the proposer had nothing
+    more)."""
+
+    def __init__(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
+                 space: SearchSpace, proposer: Proposer, pool: WorkerPool, progress: Progress,
+                 elapsed_before: float, on_told: Callable[[optuna.trial.FrozenTrial], None]):
+        self.spec, self.study, self.space, self.proposer = spec, study, space, proposer
+        self.pool, self.progress, self.on_told = pool, progress, on_told
+        self.elapsed_before = elapsed_before
+        self.session_start = time.monotonic()
+        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+        self.cache = PlanCache(finished)
+        self.teller = Teller(study, storage, spec.max_accuracy_drop, self.told,
+                             used=sum(t.state in SETTLED for t in finished))
+        self.ready: Task | None = None
+        self.exhausted = False
+        self.measured_now = self.fresh_deaths = self.consecutive_errors = 0
+        self.stopped_by = "trials"
+        self._handlers = {WorkerReady: lambda event: None, WorkerFailedToStart: self._on_start_failed,
+                          TrialDone: self._on_done, TrialRaised: self._on_raised, WorkerDied: self._on_died}
+        for trial in finished:
+            self._record_progress(trial, earlier=True)
+            proposer.observe(trial)
+
+    # bookkeeping -----------------------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self.session_start)
+
+    def budget_left(self) -> bool:
+        return self.teller.used + self.cache.outstanding() < self.spec.trials
+
+    def timed_out(self) -> bool:
+        return self.spec.timeout is not None and self.elapsed() >= self.spec.timeout
+
+    def _record_progress(self, trial: optuna.trial.FrozenTrial, earlier: bool = False) -> None:
+        attrs = trial.user_attrs
+        self.progress.record(trial.state.name, attrs.get("accuracy_drop"), attrs.get("latency_ms"),
+                             attrs.get("speedup"), trial.number, earlier=earlier)
+
+    def told(self, frozen: optuna.trial.FrozenTrial) -> None:
+        self._record_progress(frozen)
+        self.study.set_user_attr("elapsed_s", round(self.elapsed(), 3))
+        self.on_told(frozen)
+        self.proposer.observe(frozen)
+        self.progress.update(force=True)
+
+    # asking ----------------------------------------------------------------------------------------------------
+    def _admit(self, proposal: Proposal) -> Task | None:
+        """The task for a worker, or None when the proposal was settled here."""
+        trial = proposal.trial
+        try:
+            if proposal.cfg is None:
+                raise SpaceError(proposal.invalid or "the proposer gave no config")
+            cfg, key = proposal.cfg, plan_key(proposal.cfg)
+        except (SpaceError, ValueError) as exc:   # ConfigError is a ValueError
+            self.teller.fail(trial, proposal.invalid or f"no valid config from these parameters: {exc}")
+            return None
+        trial.set_user_attr("config", config_attr(cfg))
+        trial.set_user_attr("config_key", cfg.key())
+        trial.set_user_attr("plan_key", key)
+        if proposal.seed_kind:
+            trial.set_user_attr("seed_kind", proposal.seed_kind)
+        task = Task(trial, cfg, key, trial.user_attrs.get("seed_kind"), dict(proposal.options))
+        violation = self.space.violation(cfg)
+        if violation is not None:
+            self.teller.prune(trial, f"not measured: {violation}")
+            return None
+        earlier = self.cache.measured(task)
+        if earlier is not None:
+            self.teller.copy(task, earlier)
+            return None
+        return task if self.cache.claim(task) else None
+
+    def _next_task(self) -> Task | None:
+        self.exhausted = False
+        while self.ready is None and not self.timed_out() and self.budget_left():
+            proposal = self.proposer.propose(self.study)
+            if proposal is None:
+                self.exhausted = True
+                break
+            self.ready = self._admit(proposal)
+        return self.ready
+
+    def dispatch(self, prefetch: bool = True) -> None:
+        """Give every idle worker a trial; then, if `prefetch`, ask the next one in advance."""
+        for slot in self.pool.idle_slots():
+            task = self._next_task()
+            if task is None:
+                break
+            self.ready = None
+            task.started = time.monotonic()
+            task.trial.set_user_attr("worker", slot.name)
+            self.pool.submit(slot, task.cfg, task, task.options)
+        if prefetch and self.pool.pending():
+            self._next_task()
+
+    # events ----------------------------------------------------------------------------------------------------
+    def handle(self, event: PoolEvent) -> None:
+        self._handlers[type(event)](event)
+
+    def _settle(self, waiters: list[Task], finished: optuna.trial.FrozenTrial | None) -> None:
+        for waiter in waiters:
+            if finished is not None and finished.state in SETTLED:
+                self.teller.copy(waiter, finished)
+            else:   # the original did not finish: this one is measured itself in a later run
+                self.teller.requeue(waiter, "the trial it duplicated did not finish; queued again")
+
+    def _on_start_failed(self, event: WorkerFailedToStart) -> None:
+        if event.info.error is not None:
+            raise event.info.error   # a user error (missing data, unknown model): as itself, at once
+        self._count_fresh_death(event.slot, f"{event.slot.name} could not start: {event.info.error_text}")
+
+    def _on_died(self, event: WorkerDied) -> None:
+        if event.task is not None:
+            waiters = self.cache.release(event.task)
+            self.teller.fail(event.task.trial, event.reason, worker=event.slot.name)
+            self._settle(waiters, None)
+        if event.completed:
+            self.fresh_deaths = 0
+            self.progress.message(f"dsm-tune: {event.reason}; replacing it")
+            self.pool.replace(event.slot)
+        else:
+            self._count_fresh_death(event.slot, event.reason)
+
+    def _on_raised(self, event: TrialRaised) -> None:
+        waiters = self.cache.release(event.task)
+        self.fresh_deaths = 0
+        self.consecutive_errors += 1
+        self.teller.fail(event.task.trial, f"evaluation failed: {event.error}", worker=event.slot.name)
+        self._settle(waiters, None)
+        if self.consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
+            raise StudyError(f"the last {self.consecutive_errors} trials all failed in evaluation, last with: "
+                             f"{event.error}; the study is kept in {self.spec.study_dir}")
+
+    def _on_done(self, event: TrialDone) -> None:
+        task = event.task
+        waiters = self.cache.release(task)
+        self.fresh_deaths = self.consecutive_errors = 0
+        self.measured_now += 1
+        finished = self.teller.result(task, event.result, worker=event.slot.name,
+                                      wall_s=time.monotonic() - task.started)
+        self.cache.remember(finished)
+        self._settle(waiters, finished)
+
+    def _count_fresh_death(self, slot: Slot, reason: str) -> None:
+        self.fresh_deaths += 1
+        if self.fresh_deaths >= MAX_FRESH_DEATHS:
+            raise StudyError(f"workers keep dying before finishing a trial ({self.fresh_deaths} in a row), last: "
+                             f"{reason}; finished trials are kept in {self.spec.folder.storage_file}")
+        self.progress.message(f"dsm-tune: {reason}; starting a new worker")
+        self.pool.replace(slot)
+
+    # running ---------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            if self.timed_out() and self.stopped_by != "timeout":
+                self.stopped_by = "timeout"
+                if self.ready is not None:
+                    self._release_ready("the time budget ran out before it started; queued again")
+                if self.pool.busy_slots():
+                    self.progress.message("dsm-tune: time budget reached; waiting for the running trials")
+            self.dispatch()
+            if not self.pool.busy_slots() and self.ready is None:
+                if not self.budget_left() or self.timed_out():
+                    return
+                if self.exhausted:
+                    self.stopped_by = "exhausted"
+                    self.progress.message("dsm-tune: the proposer has no more configs to try")
+                    return
+            self.progress.running = len(self.pool.busy_slots())
+            events = self.pool.wait(WAIT_SLICE_S)
+            if events:
+                # Freed workers get their next trial before the driver spends time writing results.
+                self.dispatch(prefetch=False)
+            for event in events:
+                self.handle(event)
+            self.progress.running = len(self.pool.busy_slots())
+            self.progress.update()
+
+    def _release_ready(self, reason: str) -> None:
+        task, self.ready = self.ready, None
+        if task is not None:
+            waiters = self.cache.release(task)
+            self.teller.requeue(task, reason)
+            self._settle(waiters, None)
+
+    def interrupt(self) -> int:
+        """Ctrl-C: stop the workers; trials not finished are FAILed and queued again for the next run."""
+        running = [t for t in self.pool.cancel_all() if t is not None]
+        if self.ready is not None:
+            running.append(self.ready)
+            self.ready = None
+        unfinished = running + self.cache.drain()
+        for task in unfinished:
+            self.teller.requeue(task, "interrupted before it finished; queued again for the next run")
+        return len(unfinished)

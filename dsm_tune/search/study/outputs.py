@@ -1,0 +1,83 @@
+"""The study folder's readable outputs: trials.csv after every trial, the Pareto plots (and the tracker's copy
+of them) at most every `interval_s` while trials come in, and at the end best.json and the front table."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import optuna
+import pandas as pd
+
+from dsm_tune.search.folder import StudyFolder
+from dsm_tune.search.plots import write_pareto_plots
+from dsm_tune.search.progress import Progress
+from dsm_tune.search.render import default_winner, format_trials, pareto_front, trial_table
+from dsm_tune.search.results import pareto_numbers, write_trials_csv
+
+ARTIFACT_INTERVAL_S = 120.0
+
+
+class LiveOutputs:
+    """trials.csv after every trial; plots redrawn and the tracker's artifacts refreshed at most every
+    `interval_s` (None: only at the end), so an overnight study shows its front while it runs."""
+
+    def __init__(self, folder: StudyFolder, max_drop: float, tracker: Any,
+                 interval_s: float | None = ARTIFACT_INTERVAL_S):
+        self.folder, self.max_drop, self.tracker, self.interval_s = folder, max_drop, tracker, interval_s
+        self._last_drawn = time.monotonic()
+
+    def trial_told(self, study: optuna.Study) -> pd.DataFrame:
+        frame = write_trials_csv(study, self.folder.trials_csv)
+        if self.interval_s is not None and time.monotonic() - self._last_drawn >= self.interval_s:
+            self._last_drawn = time.monotonic()
+            write_pareto_plots(frame, self.folder.path, self.max_drop)
+            self.tracker.refresh_artifacts(self.folder.path)
+        return frame
+
+
+@dataclass
+class FinalOutputs:
+    frame: pd.DataFrame
+    front: list[int]                    # feasible Pareto front (trial numbers), fastest first
+    best_trial: int | None
+    best_path: Path | None
+    files: list[Path] = field(default_factory=list)
+
+
+def write_final_outputs(study: optuna.Study, folder: StudyFolder, max_drop: float,
+                        progress: Progress) -> FinalOutputs:
+    """trials.csv, best.json (fastest trial within the drop limit) and the Pareto plots."""
+    from dsm_tune.search.select import NoWinnerError, Rule, freeze_trial, pick_winner
+
+    frame = write_trials_csv(study, folder.trials_csv)
+    files = [folder.storage_file, folder.trials_csv]
+    best_number: int | None = None
+    best_path: Path | None = None
+    try:
+        best_number = pick_winner(frame, Rule(), max_drop)
+    except NoWinnerError as exc:
+        progress.message(f"dsm-tune: no best.json: {exc}")
+    if best_number is not None:
+        best_path = folder.best_file
+        freeze_trial(study, best_number).to_json(best_path)
+        files.append(best_path)
+    files += list(write_pareto_plots(frame, folder.path, max_drop))
+    return FinalOutputs(frame, pareto_numbers(frame, max_drop), best_number, best_path,
+                        [p for p in files if p.exists()])
+
+
+def print_front(frame: pd.DataFrame, max_drop: float, stream: TextIO) -> None:
+    """The feasible Pareto front as `report` shows it (a duplicate is the same measurement as the trial it
+    copies: shown once)."""
+    table = trial_table(frame)
+    table = table[table["duplicate_of"].isna()]
+    front = pareto_front(table, max_drop)
+    if front.empty:
+        stream.write(f"No measured trial is within the accuracy-drop limit of {max_drop:g} points.\n")
+        return
+    stream.write(f"Pareto front (accuracy drop <= {max_drop:g}), fastest first:\n")
+    stream.write(format_trials(front, max_drop, default_winner(frame, max_drop)) + "\n")
+    stream.write("* = best.json (what `dsm-tune export` picks by default)\n")

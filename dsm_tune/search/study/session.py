@@ -1,0 +1,167 @@
+"""One run of the driver over a study: opening the storage, the setup attrs, seeds, the tracker, the final
+outputs. The driver is the storage's only writer; the tracker gets what it needs from here."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Protocol, TextIO
+
+import optuna
+from optuna.trial import TrialState
+
+from dsm_tune.merging import ModelFingerprint
+from dsm_tune.search.progress import Progress, format_duration
+from dsm_tune.search.results import json_safe, pareto_numbers
+from dsm_tune.search.space import SearchSpace, replay_attrs
+from dsm_tune.search.study.dedup import SETTLED
+from dsm_tune.search.study.outputs import LiveOutputs, print_front, write_final_outputs
+from dsm_tune.search.study.proposer import make_sampler
+from dsm_tune.search.study.spec import StudySpec, library_versions
+from dsm_tune.search.study.tell import DIRECTIONS, recover_stale
+from dsm_tune.search.tracking import PARENT_ATTR, trial_record
+from dsm_tune.search.workers import WorkerInfo
+
+from dsm_tune.search.folder import StudyError
+
+
+class Tracker(Protocol):
+    """Receives a study's trials (`dsm_tune.search.tracking.MlflowTracker`; `NullTracker` does nothing)."""
+
+    parent_run_id: str | None          # the study's run once known; the driver stores it in the study
+
+    def start_study(self, study_dir: Path, attrs: Mapping[str, Any], resumed: bool) -> str | None: ...
+
+    def log_trial(self, record: Mapping[str, Any]) -> None: ...
+
+    def refresh_artifacts(self, study_dir: Path) -> None: ...
+
+    def end_study(self, pareto_trial_numbers: list[int], records: Iterable[Mapping[str, Any]] = ()) -> None: ...
+
+
+@dataclass
+class StudyResult:
+    study_dir: Path
+    study_name: str
+    trials_done: int                  # COMPLETE + PRUNED trials in the storage
+    trials_measured_now: int          # evaluated by workers in this run
+    pareto: list[int]                 # feasible Pareto front (trial numbers), fastest first
+    best_trial: int | None
+    best_path: Path | None
+    files: list[Path] = field(default_factory=list)
+    interrupted: bool = False
+    stopped_by: str = "trials"        # trials | timeout | interrupt | budget | exhausted
+
+
+class StudySession:
+    def __init__(self, spec: StudySpec, progress: Progress, tracker: Tracker, resumed: bool):
+        self.spec, self.folder, self.progress, self.tracker = spec, spec.folder, progress, tracker
+        self.resumed = resumed
+        self.study: optuna.Study | None = None
+        self.storage: optuna.storages.RDBStorage | None = None
+        self.outputs = LiveOutputs(self.folder, spec.max_accuracy_drop, tracker)
+        self.tracking = False
+
+    def open(self) -> None:
+        if self.study is not None:
+            return
+        spec = self.spec
+        self.storage = self.folder.open_storage()
+        self.study = optuna.create_study(storage=self.storage, study_name=spec.study, directions=list(DIRECTIONS),
+                                         load_if_exists=True,
+                                         sampler=make_sampler(spec.sampler, spec.seed, spec.workers))
+        stored = self.study.user_attrs.get("spec") if self.resumed else None
+        self.study.set_user_attr("spec", {**stored, **spec.budget()} if stored else spec.to_dict())
+        self.folder.spec_file.write_text(json.dumps(self.study.user_attrs["spec"], indent=2) + "\n")
+
+    def done_count(self) -> int:
+        return sum(t.state in SETTLED for t in self.study.get_trials(deepcopy=False))
+
+    def budget_spent(self) -> bool:
+        elapsed = float(self.study.user_attrs.get("elapsed_s") or 0.0)
+        if self.done_count() >= self.spec.trials:
+            self.progress.message(f"dsm-tune: the budget of {self.spec.trials} trials is already spent; raise "
+                                  f"--trials to run more")
+            return True
+        if self.spec.timeout is not None and elapsed >= self.spec.timeout:
+            self.progress.message(f"dsm-tune: the time budget of {format_duration(self.spec.timeout)} is already "
+                                  f"spent ({format_duration(elapsed)}); raise --timeout to run more")
+            return True
+        return False
+
+    def record_setup(self, info: WorkerInfo, fingerprint: ModelFingerprint, space_text: str) -> None:
+        study = self.study
+        stored_fp = study.user_attrs.get("fingerprint")
+        if stored_fp is not None:
+            if ModelFingerprint.from_dict(stored_fp) != fingerprint:
+                raise StudyError(f"study {self.spec.study!r} was run on model {stored_fp} but the workers now load "
+                                 f"{fingerprint.to_dict()}")
+            return
+        study.set_user_attr("fingerprint", fingerprint.to_dict())
+        study.set_user_attr("baseline", json_safe(info.baseline))
+        study.set_user_attr("data_fingerprint", info.data_fingerprint)
+        study.set_user_attr("versions", library_versions())
+        study.set_user_attr("elapsed_s", float(study.user_attrs.get("elapsed_s") or 0.0))
+        self.folder.space_copy.write_text(space_text)
+
+    def prepare(self, space: SearchSpace) -> None:
+        recovered = recover_stale(self.study, self.storage)
+        if recovered:
+            self.progress.message(f"dsm-tune: {recovered} trial(s) were running when the last run ended: marked "
+                                  f"failed and queued again")
+        seeded = self._enqueue_seeds(space)
+        if seeded:
+            self.progress.message(f"dsm-tune: queued {seeded} seed configs (dense, ToMe constant-r, DSM paper "
+                                  f"style)")
+
+    def _enqueue_seeds(self, space: SearchSpace) -> int:
+        if self.study.user_attrs.get("seeded"):
+            return 0
+        seeds = space.seeds()
+        for seed in seeds:
+            params = space.params_for(seed.config)
+            self.study.enqueue_trial(params, user_attrs={**replay_attrs(params), "seed_kind": seed.kind})
+        self.study.set_user_attr("seeded", True)
+        return len(seeds)
+
+    # tracking --------------------------------------------------------------------------------------------------
+    def start_tracking(self) -> None:
+        self.tracker.start_study(self.folder.path, dict(self.study.user_attrs), self.resumed)
+        self.tracking = True
+        self._store_parent_id()
+
+    def _store_parent_id(self) -> None:
+        """The tracker's run id, kept in the study so a resume finds the run again."""
+        run_id = self.tracker.parent_run_id
+        if run_id is not None and self.study.user_attrs.get(PARENT_ATTR) != run_id:
+            self.study.set_user_attr(PARENT_ATTR, run_id)
+
+    def trial_told(self, frozen: optuna.trial.FrozenTrial) -> None:
+        self.outputs.trial_told(self.study)
+        self.tracker.log_trial(trial_record(frozen))
+        self._store_parent_id()
+
+    # the end ---------------------------------------------------------------------------------------------------
+    def finish(self, stream: TextIO, stopped_by: str, measured_now: int, interrupted: bool) -> StudyResult:
+        spec, study = self.spec, self.study
+        recover_stale(study, self.storage)   # only when the budget was spent with trials left running
+        final = write_final_outputs(study, self.folder, spec.max_accuracy_drop, self.progress)
+        if self.tracking:
+            self.tracker.refresh_artifacts(self.folder.path)
+            finished = [trial_record(t) for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+            self.tracker.end_study(pareto_numbers(final.frame), finished)
+            self._store_parent_id()
+        print_front(final.frame, spec.max_accuracy_drop, stream)
+        done = self.done_count()
+        stream.write(f"Study files in {self.folder.path}: " + ", ".join(p.name for p in final.files) + "\n")
+        if interrupted:
+            stream.write(f"Interrupted: {done} finished trial(s) kept.\n")
+        if interrupted or (stopped_by == "timeout" and done < spec.trials):
+            stream.write(f"Resume with: dsm-tune run --study {spec.study} --out {spec.out}"
+                         + (" --timeout <more seconds>" if stopped_by == "timeout" else "") + "\n")
+        stream.flush()
+        return StudyResult(study_dir=self.folder.path, study_name=str(spec.study), trials_done=done,
+                           trials_measured_now=measured_now, pareto=final.front, best_trial=final.best_trial,
+                           best_path=final.best_path, files=final.files, interrupted=interrupted,
+                           stopped_by=stopped_by)

@@ -1,0 +1,146 @@
+"""Telling the study what became of a trial: measured (COMPLETE), not measured to the end (PRUNED), failed
+(FAIL, queued again when it never finished), and the latency objective that goes into Optuna."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import optuna
+from optuna.trial import TrialState
+
+from dsm_tune.search.results import json_safe
+from dsm_tune.search.space import replay_attrs
+from dsm_tune.search.study.dedup import Task
+from dsm_tune.search.workers import is_finite_number
+
+DIRECTIONS = ("minimize", "minimize")            # accuracy_drop, latency_ms
+CONSTRAINT_NAME = "accuracy_drop"                # Optuna constraint: accuracy_drop - max_accuracy_drop <= 0
+# Early abort: a trial is only evaluated to the end while its drop may still be under this many times the limit,
+# so near-misses are fully measured (the plots show the boundary) and hopeless configs cost little.
+ABORT_FACTOR = 2.0
+
+# Trial user attrs the driver owns; everything else a trial holds came from its evaluator.
+DRIVER_ATTRS = frozenset({"worker", "duplicate_of", "config", "config_key", "plan_key", "seed_kind", "constraint",
+                          "requeued_from", "merge_form", "fail_reason"})
+# Attrs about one particular evaluation run, not about the config: not copied onto a duplicate.
+RUN_ATTRS = frozenset({"wall_seconds", "lock_wait_s"})
+
+
+def objective_latency(result: Mapping[str, Any], reference_ms: Any) -> Any:
+    """The latency objective: the study's one dense reference latency divided by the trial's speedup.
+
+    The speedup comes from dense and merged runs interleaved within the trial, so machine drift between trials
+    (other jobs, thermal state, a neighbour worker's accuracy pass) cancels in it, while a trial's raw median
+    latency carries that drift straight into the Pareto front. The raw figure stays in the trial as
+    `latency_measured_ms`."""
+    speedup, raw = result.get("speedup"), result.get("latency_ms")
+    if is_finite_number(speedup) and float(speedup) > 0 and is_finite_number(reference_ms):
+        return round(float(reference_ms) / float(speedup), 6)
+    return raw
+
+
+def copied_result(earlier: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """What a duplicate takes over from the trial that measured its plan."""
+    result = {k: v for k, v in earlier.user_attrs.items() if k not in DRIVER_ATTRS | RUN_ATTRS}
+    if earlier.state == TrialState.PRUNED:
+        result["fail_reason"] = earlier.user_attrs.get("fail_reason") or "pruned"
+        result.setdefault("aborted", True)
+    return result
+
+
+class Teller:
+    """Writes outcomes into the study; `on_told(frozen_trial)` runs after every tell. `used` counts the
+    trials that spend the budget (COMPLETE + PRUNED)."""
+
+    def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage, max_drop: float,
+                 on_told: Callable[[optuna.trial.FrozenTrial], None], used: int = 0):
+        self.study = study
+        self.storage = storage
+        self.study_id = storage.get_study_id_from_name(study.study_name)
+        self.max_drop = max_drop
+        self.reference_latency_ms = (study.user_attrs.get("baseline") or {}).get("latency_ms")
+        self.on_told = on_told
+        self.used = used
+
+    def frozen(self, number: int) -> optuna.trial.FrozenTrial:
+        return self.storage.get_trial(self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number))
+
+    def _told(self, number: int) -> optuna.trial.FrozenTrial:
+        frozen = self.frozen(number)
+        self.on_told(frozen)
+        return frozen
+
+    def result(self, task: Task, result: Mapping[str, Any], worker: str, duplicate_of: int | None = None,
+               wall_s: float | None = None) -> optuna.trial.FrozenTrial:
+        trial = task.trial
+        for key, value in result.items():
+            if key not in DRIVER_ATTRS:
+                trial.set_user_attr(key, json_safe(value))
+        trial.set_user_attr("worker", worker)
+        if wall_s is not None:
+            trial.set_user_attr("wall_seconds", round(wall_s, 3))
+        if duplicate_of is not None:
+            trial.set_user_attr("duplicate_of", duplicate_of)
+        drop, latency = result.get("accuracy_drop"), objective_latency(result, self.reference_latency_ms)
+        if latency is not None and latency != result.get("latency_ms"):
+            trial.set_user_attr("latency_measured_ms", json_safe(result.get("latency_ms")))
+            trial.set_user_attr("latency_ms", latency)
+        if is_finite_number(drop):
+            constraint = float(drop) - self.max_drop
+            trial.set_user_attr("constraint", constraint)
+            trial.set_constraint(CONSTRAINT_NAME, constraint)
+        if is_finite_number(drop) and is_finite_number(latency) and not result.get("aborted"):
+            self.study.tell(trial, [float(drop), float(latency)])
+        else:
+            reason = result.get("fail_reason") or (
+                f"aborted early: the accuracy drop could not stay within {ABORT_FACTOR:g}x the limit"
+                if result.get("aborted") else "no accuracy drop/latency measured")
+            trial.set_user_attr("fail_reason", reason)
+            self.study.tell(trial, state=TrialState.PRUNED)
+        self.used += 1
+        return self._told(trial.number)
+
+    def copy(self, task: Task, earlier: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+        """Settle a duplicate with the earlier measurement instead of measuring again."""
+        return self.result(task, copied_result(earlier), worker=str(earlier.user_attrs.get("worker", "")),
+                           duplicate_of=earlier.number)
+
+    def prune(self, trial: optuna.trial.Trial, reason: str) -> None:
+        """Not measured on purpose (the space's hard constraint); counts towards the budget."""
+        trial.set_user_attr("fail_reason", reason)
+        self.study.tell(trial, state=TrialState.PRUNED)
+        self.used += 1
+        self._told(trial.number)
+
+    def fail(self, trial: optuna.trial.Trial, reason: str, worker: str | None = None) -> None:
+        trial.set_user_attr("fail_reason", reason[:2000])
+        if worker is not None:
+            trial.set_user_attr("worker", worker)
+        self.study.tell(trial, state=TrialState.FAIL)
+        self._told(trial.number)
+
+    def requeue(self, task: Task, reason: str) -> None:
+        """FAIL the trial (it never finished) and queue its parameters again for the next run."""
+        self.fail(task.trial, reason)
+        enqueue_again(self.study, dict(task.trial.params), task.trial.number, task.seed_kind)
+
+
+def enqueue_again(study: optuna.Study, params: dict[str, Any], number: int, seed_kind: str | None) -> None:
+    user_attrs: dict[str, Any] = {**replay_attrs(params), "requeued_from": number}
+    if seed_kind:
+        user_attrs["seed_kind"] = seed_kind
+    study.enqueue_trial(params, user_attrs=user_attrs)
+
+
+def recover_stale(study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:
+    """Trials left RUNNING by a process that died: FAIL them and queue their parameters again."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_user_attr(trial_id, "fail_reason", "the process running the study ended while this trial "
+                                                             "was running; queued again")
+        study.tell(trial.number, state=TrialState.FAIL)
+        enqueue_again(study, dict(trial.params), trial.number, trial.user_attrs.get("seed_kind"))
+        count += 1
+    return count

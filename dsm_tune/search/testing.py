@@ -1,0 +1,88 @@
+"""Stand-ins for tests and benchmarks of the orchestration: an evaluator with a fixed cost and deterministic
+figures computed from the token schedule (no model, no data), and its picklable factory for Ray actors."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dsm_tune.merging import DSMConfig, ModelFingerprint, block_plan
+
+
+class StandInEvaluator:
+    """A fixed-cost evaluator with deterministic metrics computed from the token schedule, for tests and
+    benchmarks of the orchestration (no model, no data).
+
+    Latency follows the tokens each block processes; accuracy drop grows with tokens merged early and with global
+    matching, and shrinks with proportional attention, so the search has a real trade-off to find. A config whose
+    key is in `die_on` ends the worker process abruptly (as a crash or OOM kill would); `fail_on` raises instead
+    (`"*"`: every config).
+    """
+
+    def __init__(self, fingerprint: ModelFingerprint, cost_s: float = 0.0, die_on: tuple[str, ...] = (),
+                 fail_on: tuple[str, ...] = (), die_on_init: bool = False, baseline_latency_ms: float = 10.0,
+                 die_marker: str | None = None):
+        if die_on_init:
+            os._exit(3)
+        self.fingerprint = fingerprint
+        self.cost_s = cost_s
+        self.die_on = set(die_on)
+        self.fail_on = set(fail_on)
+        self.die_marker = die_marker
+        self.baseline_latency_ms = baseline_latency_ms
+        self.baseline = {"metric": "top1", "metric_value": 90.0, "latency_ms": baseline_latency_ms,
+                         "data_fingerprint": "stand-in"}
+        self.data_fingerprint = "stand-in"
+
+    def evaluate(self, cfg: DSMConfig, **options: Any) -> dict[str, Any]:
+        """`options` are recorded as `options_seen` (what the driver asked the evaluator for)."""
+        key = cfg.key()
+        if key in self.die_on:
+            # Die only once per marker file when one is given, so a re-run of the same config can succeed.
+            if self.die_marker is None or not Path(self.die_marker).exists():
+                if self.die_marker is not None:
+                    Path(self.die_marker).write_text(key)
+                os._exit(1)
+        if key in self.fail_on or "*" in self.fail_on:
+            raise RuntimeError(f"stand-in failure for {key}")
+        started = time.perf_counter()
+        time.sleep(self.cost_s)
+        plans = block_plan(cfg, self.fingerprint)
+        initial = self.fingerprint.grid[0] * self.fingerprint.grid[1]
+        blocks = len(plans)
+        drop = 0.0
+        for index, plan in enumerate(plans):
+            lateness = (index + 1) / blocks
+            penalty = 1.0 if plan.windows == 1 else 0.6   # local matching loses less
+            drop += 5.0 * (plan.merged / initial) * penalty * (1.5 - lateness) ** 2
+        if cfg.proportional_attention:
+            drop *= 0.85
+        mean_tokens = sum(p.tokens_in + p.tokens_out for p in plans) / (2 * blocks * initial)
+        latency = self.baseline_latency_ms * (0.08 + 0.92 * mean_tokens)
+        final = plans[-1].tokens_out / initial if plans else 1.0
+        return {
+            "metric": "top1", "metric_value": 90.0 - drop, "accuracy_drop": round(drop, 6), "aborted": False,
+            "latency_ms": round(latency, 6), "latency_iqr_ms": 0.0, "baseline_latency_ms": self.baseline_latency_ms,
+            "speedup": round(self.baseline_latency_ms / latency, 6), "flops_ratio": round(mean_tokens, 6),
+            "tokens_kept": round(final, 6), "num_images": 100, "eval_seconds": time.perf_counter() - started,
+            **({"options_seen": dict(options)} if options else {}),
+        }
+
+
+@dataclass(frozen=True)
+class StandInFactory:
+    """Picklable factory of `StandInEvaluator` for Ray actors."""
+
+    fingerprint: ModelFingerprint
+    cost_s: float = 0.0
+    die_on: tuple[str, ...] = ()
+    fail_on: tuple[str, ...] = ()
+    die_on_init: bool = False
+    die_marker: str | None = None
+
+    def __call__(self) -> StandInEvaluator:
+        return StandInEvaluator(self.fingerprint, cost_s=self.cost_s, die_on=self.die_on, fail_on=self.fail_on,
+                                die_on_init=self.die_on_init, die_marker=self.die_marker)
