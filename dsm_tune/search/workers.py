@@ -40,6 +40,9 @@ class WorkerError(DSMTuneError):
 def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Connect to `address`, or start a private local Ray on loopback. Returns True if this call started it
     (the caller then shuts it down); an already initialised Ray (e.g. in tests) is reused as is."""
+    from dsm_tune.search.ray_session import connection_hint, prepare_connection
+
+    prepare_connection(address)   # before Ray's import: an explicit address joins in token mode when a token exists
     if address is None:
         os.environ.setdefault(_RAY_LOOPBACK_ENV, "0")
         # Ray runs its workers at niceness 15; a worker timing a model must not yield the cores to every other
@@ -57,7 +60,8 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
             ray.init(address=address, log_to_driver=True, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise WorkerError(f"cannot start or reach {where}: {str(exc).splitlines()[0]}") from None
+        raise WorkerError(f"cannot start or reach {where}: {str(exc).splitlines()[0]}{connection_hint(address)}") \
+            from None
     return True
 
 
