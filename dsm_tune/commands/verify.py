@@ -16,6 +16,9 @@ from dsm_tune.commands.common import add_data_args, add_target_args
 from dsm_tune.errors import DSMTuneError
 
 OUT_OF_TOLERANCE = 1
+# ONNX Runtime vs PyTorch on the exported graph, relative to the output scale: fp32 rounding is far below it,
+# a wrongly translated op far above.
+ONNX_RELATIVE_TOLERANCE = 1e-4
 
 
 class VerifyError(DSMTuneError):
@@ -27,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "verify", help="re-measure a frozen DSM config here and compare with its recorded figures",
         description="Build the model named in FILE, check the config fits it, apply it, re-measure accuracy drop "
                     "and speedup, and compare with the figures in FILE. Exit status 1 when out of tolerance. "
-                    "Target settings (batch size, dtype, compile) default to the ones in FILE.")
+                    "Target settings (batch size, dtype, compile) default to the ones in FILE. With an ONNX "
+                    "Runtime target (--device ort-cpu) latency is timed in ONNX Runtime and the exported graph's "
+                    "outputs must match PyTorch's.")
     parser.add_argument("file", type=Path, metavar="FILE", help="frozen config written by `dsm-tune export`")
     add_target_args(parser)
     add_data_args(parser)
@@ -83,14 +88,23 @@ def compare(recorded: Mapping[str, Any], measured: Mapping[str, Any], speedup_to
     return rows
 
 
-def _cell(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+def _cell(value: Any, spec: str = ".3f") -> str:
+    return f"{value:{spec}}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def onnx_row(model, cfg, batch_size: int) -> dict[str, Any]:
+    """The exported graph's outputs under ONNX Runtime against PyTorch's, as a row that must pass."""
+    from dsm_tune.merging.export import onnx_relative_error
+
+    error = onnx_relative_error(model, cfg, batch_size)
+    return {"name": "ONNX vs PyTorch (rel.)", "recorded": None, "measured": error, "format": ".1e",
+            "bound": f"<= {ONNX_RELATIVE_TOLERANCE:.0e}", "ok": error <= ONNX_RELATIVE_TOLERANCE}
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     from dsm_tune.search.render import format_table
 
-    table = [[r["name"], _cell(r["recorded"]), _cell(r["measured"]), r["bound"] or "",
+    table = [[r["name"], _cell(r["recorded"]), _cell(r["measured"], r.get("format", ".3f")), r["bound"] or "",
               "" if r["ok"] is None else ("yes" if r["ok"] else "NO")] for r in rows]
     return format_table(table, ["figure", "in file", "measured", "required", "ok"], left=(0,))
 
@@ -144,11 +158,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"note: the images differ from the study's (data fingerprint {here}, file {recorded_data}): "
               "the accuracy drop is not strictly comparable")
     rows = compare(recorded, measured, args.speedup_tolerance, args.drop_tolerance)
+    if target.runtime == "onnxruntime":
+        rows.append(onnx_row(evaluator.model, cfg, target.batch_size))
     print(format_rows(rows))
     failed = [r["name"] for r in rows if r["ok"] is False]
     if failed:
         print(f"FAIL: {', '.join(failed)} outside tolerance (--speedup-tolerance {args.speedup_tolerance:g}, "
               f"--drop-tolerance {args.drop_tolerance:g})")
         return OUT_OF_TOLERANCE
-    print("PASS: accuracy drop and speedup within tolerance")
+    checked_onnx = " and ONNX Runtime's outputs" if target.runtime == "onnxruntime" else ""
+    print(f"PASS: accuracy drop, speedup{checked_onnx} within tolerance")
     return 0

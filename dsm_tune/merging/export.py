@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -127,6 +128,26 @@ def _onnx_program(model: nn.Module, inputs: torch.Tensor, opset: int | None):
         folder_log.setLevel(level)
 
 
+def onnx_relative_error(model: nn.Module, config: DSMConfig | None, batch_size: int = 1) -> float:
+    """How far ONNX Runtime's outputs of the exported graph are from PyTorch's, on one random batch.
+
+    The largest absolute difference divided by max(1, the largest absolute PyTorch output), so one bound fits
+    logits and embeddings of any scale.
+    """
+    require_onnx_packages("onnx", "onnxscript", "onnxruntime")
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory(prefix="dsm-tune-onnx-") as folder:
+        path = export_onnx(model, config, Path(folder) / "model.onnx", batch_size)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        with config_applied(model, config), torch.inference_mode():
+            inputs = example_input(model, batch_size)
+            expected = model(inputs).float().cpu()
+        (actual,) = session.run(None, {INPUT_NAME: inputs.float().cpu().numpy()})
+    difference = (torch.from_numpy(actual) - expected).abs().max().item()
+    return difference / max(1.0, expected.abs().max().item())
+
+
 def read_onnx_config(path: str | Path) -> DSMConfig | None:
     """The frozen config embedded by `export_onnx` (None for a dense graph), validated like a JSON file."""
     require_onnx_packages("onnx")
@@ -146,4 +167,4 @@ def read_onnx_config(path: str | Path) -> DSMConfig | None:
 
 
 __all__ = ["ONNX_CONFIG_KEY", "INPUT_NAME", "OUTPUT_NAME", "OnnxExportError", "config_applied", "example_input",
-           "export_onnx", "read_onnx_config", "require_onnx_packages"]
+           "export_onnx", "onnx_relative_error", "read_onnx_config", "require_onnx_packages"]
