@@ -312,3 +312,63 @@ def test_latency_objective_cancels_drift_between_trials():
     # Without a speedup (or a reference) the raw measurement is all there is.
     assert objective_latency({"latency_ms": 80.0, "speedup": None}, 50.0) == 80.0
     assert objective_latency({"latency_ms": 80.0, "speedup": 2.0}, None) == 80.0
+
+
+class OneAtATimeProposer:
+    """A proposer seam double: Optuna's sampler, but nothing new while a trial runs (the loop must wait, not
+    stop), evaluator options on every proposal, and nothing at all after `limit` proposals (exhausted)."""
+
+    def __init__(self, space, limit):
+        from dsm_tune.search.study import SamplerProposer
+
+        self.inner = SamplerProposer(space)
+        self.limit = limit
+        self.proposed = 0
+        self.observed: list[int] = []
+        self.running = 0
+        self.returned_none_while_running = 0
+
+    def propose(self, study):
+        if self.running:
+            self.returned_none_while_running += 1
+            return None
+        if self.proposed >= self.limit:
+            return None
+        proposal = self.inner.propose(study)
+        self.proposed += 1
+        self.running += 1
+        return type(proposal)(proposal.trial, proposal.cfg, {"fidelity": 0.5, "tag": f"p{self.proposed}"},
+                              invalid=proposal.invalid)
+
+    def observe(self, trial):
+        self.observed.append(trial.number)
+        if self.running:
+            self.running -= 1
+
+
+def test_injected_proposer_waits_passes_options_and_stops_when_exhausted(tmp_path):
+    made = []
+
+    def factory(space, spec):
+        made.append(OneAtATimeProposer(space, limit=4))
+        return made[0]
+
+    spec = _spec(tmp_path, trials=10, workers=2)
+    result = run_study(spec, evaluator_factory=StandInFactory(DEMO, cost_s=COST_S), tracker=RecordingTracker(),
+                       stream=io.StringIO(), proposer_factory=factory)
+    proposer = made[0]
+    study = load_study(spec.study_dir)
+    assert result.stopped_by == "exhausted" and proposer.proposed == 4
+    assert proposer.returned_none_while_running > 0, "the loop asked again while a trial ran and kept waiting"
+    finished = _finished(study)
+    told = [t.number for t in study.get_trials() if t.state.is_finished()]
+    assert len(finished) == 4 and sorted(proposer.observed) == told
+    measured = [t for t in finished if "duplicate_of" not in t.user_attrs]
+    assert measured and all(t.user_attrs["options_seen"]["fidelity"] == 0.5 for t in measured)
+    assert {t.user_attrs["options_seen"]["tag"] for t in measured} <= {"p1", "p2", "p3", "p4"}
+    # A resume replays every finished trial through observe before proposing.
+    again = []
+    run_study(spec, evaluator_factory=StandInFactory(DEMO, cost_s=COST_S), tracker=RecordingTracker(),
+              stream=io.StringIO(), proposer_factory=lambda space, s: again.append(
+                  OneAtATimeProposer(space, limit=0)) or again[0])
+    assert sorted(again[0].observed) == [t.number for t in finished]

@@ -17,7 +17,9 @@ from dsm_tune.commands.common import (
 
 # Defaults sized so `dsm-tune run --model demo --device cpu` ends within a few minutes on two cores.
 DEFAULT_TRIALS = 24
-DEFAULT_WORKERS = 2
+# One worker per device, and a CPU host is one device: every evaluation on it holds the host's timing lock for the
+# whole trial, so a second CPU worker waits rather than adds throughput (README: "Workers").
+DEFAULT_WORKERS = 1
 DEFAULT_DEMO_LIMIT = 400
 DEFAULT_MAX_DROP = 1.0
 
@@ -39,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--timeout", type=float, default=None,
                         help="total wall-clock budget in seconds, counting earlier runs of the study")
     parser.add_argument("--workers", type=int, default=None,
-                        help=f"Ray workers, one per device (default {DEFAULT_WORKERS} on cpu, 1 otherwise)")
+                        help=f"Ray workers, one per device (default {DEFAULT_WORKERS}; CPU workers on one host take "
+                             "turns, so more than one adds little there)")
     # Checked by StudySpec (importing the study module here would slow every dsm-tune command down).
     parser.add_argument("--sampler", default=None, metavar="{tpe,nsga2,gp,random}",
                         help="Optuna sampler (default tpe: TPE with the constant liar, made for parallel workers)")
@@ -69,7 +72,7 @@ def build_spec(args: argparse.Namespace):
     from dsm_tune.evaluation.models import is_demo_model
 
     device = args.device
-    workers = args.workers if args.workers is not None else (DEFAULT_WORKERS if device == "cpu" else 1)
+    workers = args.workers if args.workers is not None else DEFAULT_WORKERS
     limit = args.limit
     if limit is None and args.data is None and is_demo_model(args.model):
         limit = DEFAULT_DEMO_LIMIT

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, TextIO
 
 import optuna
-from optuna.trial import TrialState
 
 from dsm_tune.merging import ModelFingerprint
+from dsm_tune.search.folder import StudyError
 from dsm_tune.search.progress import Progress, format_duration
 from dsm_tune.search.results import json_safe, pareto_numbers
 from dsm_tune.search.space import SearchSpace, replay_attrs
@@ -22,8 +22,6 @@ from dsm_tune.search.study.spec import StudySpec, library_versions
 from dsm_tune.search.study.tell import DIRECTIONS, recover_stale
 from dsm_tune.search.tracking import PARENT_ATTR, trial_record
 from dsm_tune.search.workers import WorkerInfo
-
-from dsm_tune.search.folder import StudyError
 
 
 class Tracker(Protocol):
