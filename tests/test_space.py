@@ -1,5 +1,6 @@
-"""Search spaces: the YAML files load for their models, the one mapping params -> config inverts exactly, seeds
-are the promised kinds, and bad files fail with one line naming the file and the key."""
+"""Sampled search spaces (search_spaces/sampled/): the YAML files load for their models, the one mapping params ->
+config inverts exactly, seeds are the promised kinds, and bad files fail with one line naming the file and the key.
+The traced spaces (the default files) are tested in test_traced_search.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ from dsm_tune.search.space import (
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SAMPLED_DIR = SPACES_DIR / "sampled"
+
+
+def sampled_space(name: str, fingerprint: ModelFingerprint) -> SearchSpace:
+    """The shipped sampled space a model's name picks."""
+    return load_space(space_file_for(name, fingerprint, SAMPLED_DIR), name, fingerprint)
 
 DEMO = ModelFingerprint("dsm_tune_demo_vit", 6, (16, 16), 1, (32, 32), 64)
 VIT_BASE = ModelFingerprint("vit_base_patch16_224", 12, (14, 14), 1, (224, 224), 768)
@@ -57,7 +65,7 @@ def test_space_file_is_picked_by_model_name(name, expected):
 
 @pytest.mark.parametrize("name, fingerprint", MODELS, ids=[m[0] for m in MODELS])
 def test_every_shipped_space_loads_and_its_mapping_inverts(name, fingerprint):
-    space = load_space(None, name, fingerprint)
+    space = sampled_space(name, fingerprint)
     assert 0 <= space.start_layer[0] <= space.start_layer[1] < fingerprint.num_blocks
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
     with warnings.catch_warnings():
@@ -74,22 +82,22 @@ def test_every_shipped_space_loads_and_its_mapping_inverts(name, fingerprint):
 
 def test_depth_is_clipped_to_what_the_grid_allows():
     # 14x14 splits into 2x2 windows of 7x7 tokens, not into 4x4 windows; 16x16 allows windows of 2x2 tokens.
-    assert load_space(None, "vit_base", VIT_BASE).hierarchy_depth == (0, 1)
-    assert load_space(None, "vit_huge", VIT_HUGE).hierarchy_depth == (0, 3)
+    assert sampled_space("vit_base", VIT_BASE).hierarchy_depth == (0, 1)
+    assert sampled_space("vit_huge", VIT_HUGE).hierarchy_depth == (0, 3)
     assert _space(BASE_YAML.replace("[0, 2]\nnum", "[0, 6]\nnum")).hierarchy_depth == (0, 3)
 
 
 def test_generic_space_scales_with_the_block_count():
-    space = load_space(None, "eva02_tiny_patch14_224", ODD)
+    space = sampled_space("eva02_tiny_patch14_224", ODD)
     assert space.source.name == "generic.yaml"
     assert space.start_layer == (0, int(0.45 * 40))
-    small = load_space(None, "eva02_tiny_patch14_224",
+    small = sampled_space("eva02_tiny_patch14_224",
                        ModelFingerprint("eva02_tiny_patch14_224", 8, (16, 16), 1, (224, 224), 192))
     assert small.start_layer == (0, 3)
 
 
 def test_seeds_are_dense_tome_and_paper_style_and_replay_through_optuna():
-    space = load_space(None, "vit_base", VIT_BASE)
+    space = sampled_space("vit_base", VIT_BASE)
     seeds = space.seeds()
     kinds = [s.kind for s in seeds]
     assert kinds[0] == "dense" and kinds.count("tome") == 3 and kinds.count("paper") >= 1
@@ -211,3 +219,4 @@ def test_all_shipped_files_are_known_to_the_pattern_list():
 
     listed = {stem for _, stem in SPACE_PATTERNS} | {GENERIC_SPACE}
     assert {p.stem for p in SPACES_DIR.glob("*.yaml")} == listed
+    assert {p.stem for p in SAMPLED_DIR.glob("*.yaml")} == listed

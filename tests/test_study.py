@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.results import load_study, open_storage, pareto_numbers, trials_frame
-from dsm_tune.search.space import load_space
+from dsm_tune.search.space import SPACES_DIR, load_space
 from dsm_tune.search.study import StudyError, StudySpec, run_study
 from dsm_tune.search.testing import StandInFactory
 from dsm_tune.search.workers import start_ray, stop_ray
@@ -22,6 +22,9 @@ from dsm_tune.search.workers import start_ray, stop_ray
 DEMO = ModelFingerprint("dsm_tune_demo_vit", 6, (16, 16), 1, (32, 32), 64)
 COST_S = 0.02
 SEED_KINDS = {"dense", "tome", "paper"}
+# These tests drive the sampled space (Optuna samples every stage's ratio); the traced default space is driven in
+# test_traced_study.py.
+SAMPLED_DEMO = SPACES_DIR / "sampled" / "demo.yaml"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +66,7 @@ class RecordingTracker:
 
 def _spec(tmp_path: Path, **changes) -> StudySpec:
     fields = dict(model="demo", target="cpu", trials=10, workers=2, out=tmp_path, mlflow=False,
-                  max_accuracy_drop=0.5)
+                  max_accuracy_drop=0.5, space=str(SAMPLED_DEMO))
     fields.update(changes)
     return StudySpec(**fields)
 
@@ -78,7 +81,7 @@ def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def _seed_keys() -> dict[str, str]:
-    space = load_space(None, "demo", DEMO)
+    space = load_space(SAMPLED_DEMO, "demo", DEMO)
     return {seed.config.key(): seed.kind for seed in space.seeds()}
 
 
@@ -132,7 +135,7 @@ def test_resume_after_a_kill_adds_only_the_missing_trials(tmp_path):
     # What a killed driver leaves behind: trials asked (params stored) but never told.
     storage = open_storage(first.study_dir)
     study = optuna.load_study(study_name=first.study_name, storage=storage)
-    space = load_space(None, "demo", DEMO)
+    space = load_space(SAMPLED_DEMO, "demo", DEMO)
     orphans = []
     for _ in range(2):
         trial = study.ask()

@@ -280,3 +280,21 @@ def test_replay_resumes_in_the_middle_of_a_traced_shape():
     assert proposal.trial.params["budget"] == pytest.approx(round(expected, 4))
     measured = {round(t.params["budget"], 4) for t in study.trials[:-1] if t.user_attrs.get("shape") == key}
     assert round(proposal.trial.params["budget"], 4) not in measured
+
+
+def test_every_shipped_traced_space_loads_and_compiles_for_its_models():
+    from dsm_tune.search.space import load_space
+
+    from .test_space import MODELS
+
+    for name, fingerprint in MODELS:
+        space = load_space(None, name, fingerprint)
+        assert isinstance(space, TracedSpace), name
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(10):
+            trial = study.ask()
+            cfg = space.suggest(trial)
+            assert sum(s.blocks for s in cfg.stages) == fingerprint.num_blocks - cfg.start_layer
+            assert space.config_from_params(trial.params).key() == cfg.key()
+            study.tell(trial, 0.0)
+        assert [kind for kind, _ in space.seed_shapes()][0] == "tome"

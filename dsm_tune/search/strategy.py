@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -37,6 +37,7 @@ from dsm_tune.merging import DSMConfig
 from dsm_tune.search.costmodel import LatencyModel
 from dsm_tune.search.shapes import BUDGET_PARAM, SHAPE_PARAMS, Shape
 from dsm_tune.search.space import TracedSpace, plan_key
+from dsm_tune.search.study.proposer import Proposal
 from dsm_tune.search.tracer import BudgetTracer, TracePoint, log_drop_slope
 
 SHAPE_ATTR = "shape"                 # trial user attr: the shape's key
@@ -47,16 +48,6 @@ SCORE_TARGETS = (1.0, 0.5, 0.25)
 FIRST_BUDGET_SHARE = 0.5
 MIN_TIMING_MARGIN = 0.05
 DENSE_KIND = "dense"
-
-
-@dataclass(frozen=True)
-class Proposal:
-    """One config to measure: the asked trial (parameters fixed), its config and the evaluator's options."""
-
-    trial: optuna.Trial
-    cfg: DSMConfig
-    options: dict[str, Any]
-    seed_kind: str | None = None
 
 
 @dataclass
@@ -149,7 +140,9 @@ class TracedProposer:
         trial = study.ask()   # a trial queued again after a failure or an interruption: measure it first
         cfg = self.space.suggest(trial)
         kind = trial.user_attrs.get("seed_kind")
-        run = self.runs.get(Shape.from_params(trial.params).key())
+        shape = Shape.from_params(trial.params)
+        trial.set_user_attr(SHAPE_ATTR, shape.key())
+        run = self.runs.get(shape.key())
         if run is not None:
             run.tracer.claim(float(trial.params[BUDGET_PARAM]))
         return Proposal(trial, cfg, self._options(cfg), kind)
@@ -286,4 +279,4 @@ class TracedProposer:
                 "latency_model_points": len(self.latency.points)}
 
 
-__all__ = ["TracedProposer", "Proposal", "SHAPE_ATTR", "SPEEDUP_PREDICTED_ATTR", "SHAPE_PARAMS"]
+__all__ = ["TracedProposer", "SHAPE_ATTR", "SPEEDUP_PREDICTED_ATTR", "SHAPE_PARAMS"]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import optuna
 
 from dsm_tune.merging import DSMConfig
-from dsm_tune.search.space import SearchSpace, SpaceError
+from dsm_tune.search.space import SearchSpace, SpaceError, TracedSpace
 
 if TYPE_CHECKING:
     from dsm_tune.search.study.spec import StudySpec
@@ -71,6 +71,16 @@ def make_sampler(name: str, seed: int, workers: int) -> optuna.samplers.BaseSamp
         return optuna.samplers.RandomSampler(seed=seed)
 
 
-def default_proposer(space: SearchSpace, spec: "StudySpec") -> Proposer:
-    """The proposer a study uses when `run_study` is given none: chosen by the kind of space."""
+def default_proposer(space: SearchSpace | TracedSpace, spec: "StudySpec") -> Proposer:
+    """The proposer a study uses when `run_study` is given none: chosen by the kind of space. A traced space
+    (shape + budget) gets the traced search; a sampled space gets Optuna's sampler over its parameters."""
+    if isinstance(space, TracedSpace):
+        from dsm_tune.evaluation.targets import load_target
+        from dsm_tune.search.strategy import TracedProposer
+
+        # Only the profile's device and batch size matter here (the latency model's row quanta), not presence.
+        target = load_target(spec.target, batch_size=spec.batch_size, dtype=spec.dtype, compile=spec.compile,
+                             check_available=False)
+        return TracedProposer(space, spec.max_accuracy_drop, sampler=spec.sampler, seed=spec.seed,
+                              device=target.device, batch_size=target.batch_size, workers=spec.workers)
     return SamplerProposer(space)

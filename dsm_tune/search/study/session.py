@@ -116,7 +116,8 @@ class StudySession:
     def _enqueue_seeds(self, space: SearchSpace) -> int:
         if self.study.user_attrs.get("seeded"):
             return 0
-        seeds = space.seeds()
+        # A traced space's seeds are shapes, which its proposer traces itself (search/strategy.py).
+        seeds = space.seeds() if isinstance(space, SearchSpace) else []
         for seed in seeds:
             params = space.params_for(seed.config)
             self.study.enqueue_trial(params, user_attrs={**replay_attrs(params), "seed_kind": seed.kind})
