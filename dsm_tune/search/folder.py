@@ -67,6 +67,14 @@ class StudyFolder:
         return self.path / PENDING_FILE
 
     @property
+    def artifact_files(self) -> list[Path]:
+        """What a tracker mirrors of the folder (the storage stays the record): plots, tables, the spec and space."""
+        from dsm_tune.search.plots import HTML_NAME, PNG_NAME
+
+        return [self.path / HTML_NAME, self.path / PNG_NAME, self.trials_csv, self.best_file, self.spec_file,
+                self.space_copy]
+
+    @property
     def log_file(self) -> Path:
         """Library chatter (Ray, MLflow) of the runs of this study, kept off the user's terminal."""
         return self.path / "run.log"

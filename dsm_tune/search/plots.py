@@ -169,20 +169,7 @@ def _write_png(table, front, winner, max_drop, title, path: Path) -> None:
             axes.annotate(f"dense {baseline:.3g} ms", (baseline, low), textcoords="offset points", xytext=(-4, 4),
                           ha="right", fontsize=8)
             if baseline > 0 and (table["latency_ms"] > 0).all():
-                def invert(values):  # latency <-> speedup; the axis may probe 0 while laying out ticks
-                    return baseline / np.maximum(np.abs(values), 1e-9)
-
-                top = axes.secondary_xaxis("top", functions=(invert, invert))
-                low_x, high_x = axes.get_xlim()
-                visible, last = [], math.inf
-                for speedup in SPEEDUP_TICKS:  # slowest first; skip ticks that would crowd the previous one
-                    position = baseline / speedup
-                    if low_x <= position <= high_x and last - position >= 0.05 * (high_x - low_x):
-                        visible.append(speedup)
-                        last = position
-                top.set_xticks(visible, [f"{s:g}" for s in visible])
-                # Each trial's own speedup is against its interleaved dense runs; this axis uses their median.
-                top.set_xlabel("speedup vs. median dense latency (x)")
+                _speedup_axis(axes, baseline)
         if table.empty:
             axes.text(0.5, 0.5, "no measured trials yet", transform=axes.transAxes, ha="center", fontsize=14)
         axes.set_xlabel("latency per batch (ms, median)")
@@ -194,3 +181,21 @@ def _write_png(table, front, winner, max_drop, title, path: Path) -> None:
         figure.savefig(path)
     finally:
         plt.close(figure)
+
+
+def _speedup_axis(axes, baseline: float) -> None:
+    """A top axis in speedup against the median dense latency, with ticks that do not crowd each other."""
+    def invert(values):  # latency <-> speedup; the axis may probe 0 while laying out ticks
+        return baseline / np.maximum(np.abs(values), 1e-9)
+
+    top = axes.secondary_xaxis("top", functions=(invert, invert))
+    low_x, high_x = axes.get_xlim()
+    visible, last = [], math.inf
+    for speedup in SPEEDUP_TICKS:  # slowest first; skip ticks that would crowd the previous one
+        position = baseline / speedup
+        if low_x <= position <= high_x and last - position >= 0.05 * (high_x - low_x):
+            visible.append(speedup)
+            last = position
+    top.set_xticks(visible, [f"{s:g}" for s in visible])
+    # Each trial's own speedup is against its interleaved dense runs; this axis uses their median.
+    top.set_xlabel("speedup vs. median dense latency (x)")

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Callable, TextIO
 
 import optuna
 
+from dsm_tune.interrupts import sigterm_as_interrupt
 from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.folder import StudyError, StudyFolder
 from dsm_tune.search.progress import Progress
@@ -98,7 +97,7 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | No
                             if spec.ray_address is None else None)
     # Ray installs a fatal-signal handler for SIGTERM that ends the process on the spot; a `kill` should stop the
     # study as cleanly as Ctrl-C does (running trials failed and queued again), so take SIGTERM back.
-    restore_sigterm = _sigterm_as_interrupt()
+    restore_sigterm = sigterm_as_interrupt()
     pool: WorkerPool | None = None
     loop: Loop | None = None
     interrupted = False
@@ -148,18 +147,6 @@ def _make_tracker(spec: StudySpec) -> Tracker:
     if not spec.mlflow:
         return NullTracker()
     return MlflowTracker(uri=spec.mlflow_uri, out=spec.out)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _sigterm_as_interrupt() -> Callable[[], None]:
-    """Make SIGTERM raise KeyboardInterrupt (main thread only); returns the undo."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _wait_first_worker(pool: WorkerPool, progress: Progress) -> WorkerInfo:

@@ -3,11 +3,11 @@ params/metrics/tags), `spool` (the offline queue) and `client` (the MLflow runs)
 
 from dsm_tune.search.folder import PENDING_FILE as PENDING_NAME
 from dsm_tune.search.tracking.client import (
-    ARTIFACT_NAMES, PARENT_ATTR, MlflowTracker, NullTracker, experiment_name, local_artifact_root,
+    PARENT_ATTR, MlflowTracker, NullTracker, experiment_name, local_artifact_root,
     resolve_tracking_uri,
 )
 from dsm_tune.search.tracking.records import METRIC_KEYS, TAG_KEYS, TrackingError, mlflow_payload, trial_record
 
-__all__ = ["ARTIFACT_NAMES", "METRIC_KEYS", "PARENT_ATTR", "PENDING_NAME", "TAG_KEYS", "MlflowTracker",
+__all__ = ["METRIC_KEYS", "PARENT_ATTR", "PENDING_NAME", "TAG_KEYS", "MlflowTracker",
            "NullTracker", "TrackingError", "experiment_name", "local_artifact_root", "mlflow_payload",
            "resolve_tracking_uri", "trial_record"]

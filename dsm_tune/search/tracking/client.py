@@ -17,8 +17,6 @@ is caught and reported as one warning line; the trial's payload is queued in mem
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import os
 import time
@@ -26,20 +24,17 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from dsm_tune.search.folder import StudyFolder
-from dsm_tune.search.tracking.records import TRIAL_TAG, TrackingError, finite_metric, mlflow_payload, tag_value
+from dsm_tune.search.tracking.records import TrackingError, mlflow_payload, tag_value
+from dsm_tune.search.tracking.runs import (
+    ROLE_TAG, RUN_STATUS_OF_STATE, STUDY_TAG, ChildRuns, closing_figures, model_and_target, parent_tags,
+)
 from dsm_tune.search.tracking.spool import Spool
 
 # One logger for the whole tracking package: its warnings are what users see of an outage.
 log = logging.getLogger("dsm_tune.search.tracking")
 
 PARENT_ATTR = "mlflow_parent_run_id"
-# Files of the study folder mirrored as parent-run artifacts (whichever exist).
-ARTIFACT_NAMES = ("pareto.html", "pareto.png", "trials.csv", "best.json", "spec.json", "space.yaml")
 
-ROLE_TAG, STUDY_TAG, PARETO_TAG = "dsm_tune.role", "dsm_tune.study", "pareto"
-PARENT_TAG = "mlflow.parentRunId"
-TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
-RUN_STATUS_OF_STATE = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
 
 # MLflow's HTTP client retries 7 times with a backoff factor of 2 by default (minutes per call against a dead
 # server); a study should lose at most a few seconds per trial before queueing. Users' own settings win.
@@ -103,13 +98,6 @@ class NullTracker:
         return None
 
 
-@dataclasses.dataclass
-class _Child:
-    run_id: str
-    status: str
-    pareto: str | None
-
-
 class MlflowTracker:
     """Logs one study into MLflow; see the module docstring for its guarantees.
 
@@ -133,7 +121,7 @@ class MlflowTracker:
         self._attrs: dict[str, Any] = {}
         self._spool: Spool | None = None
         self._client = None
-        self._children: dict[int, _Child] | None = None
+        self._children: ChildRuns | None = None
         self._pending: dict[int, dict[str, Any]] = {}
         self._offline_since: float | None = None
         self._next_attempt = 0.0
@@ -177,16 +165,16 @@ class MlflowTracker:
         self._require_started()
         self._attempt(force=True)
         if self.parent_run_id is None:
-            self._queue_missing(records, {})
+            self._queue_missing(records)
             self._spool.write(self._pending)
             log.warning("dsm-tune: warning: MLflow at %s is still unreachable; %d trial(s) stay queued in %s and "
                         "are logged when the study is resumed", self.uri, len(self._pending), self._spool.path)
             return
         try:
             with _bounded_http_retries():
-                self._queue_missing(records, self._children)
+                self._queue_missing(records)
                 self._flush_pending()
-                self._tag_pareto(set(int(n) for n in pareto_trial_numbers))
+                self._children.tag_pareto(set(int(n) for n in pareto_trial_numbers))
                 self._upload_artifacts(self.study_dir)
                 self._close_parent(pareto_trial_numbers)
         except Exception as exc:
@@ -197,13 +185,12 @@ class MlflowTracker:
             return
         self._spool.write(self._pending)
 
-    def _queue_missing(self, records: Iterable[Mapping[str, Any]], children: Mapping[int, _Child]) -> None:
+    def _queue_missing(self, records: Iterable[Mapping[str, Any]]) -> None:
         for record in records:
             number = int(record["number"])
             if record.get("state") not in RUN_STATUS_OF_STATE or number in self._pending:
                 continue
-            child = children.get(number)
-            if child is None or child.status not in TERMINAL_STATUSES:
+            if self._children is None or not self._children.finished(number):
                 self._pending[number] = mlflow_payload(record)
 
     # --- the connection -------------------------------------------------------------------------------------------
@@ -261,17 +248,17 @@ class MlflowTracker:
                 if run.info.status != "RUNNING":
                     self.client.update_run(self.parent_run_id, status="RUNNING")
                 self._log_parent_tags()
-                self._children = self._find_children()
+                self._children = ChildRuns.find(self.client, self.experiment_id, self.parent_run_id, self.study_name)
                 return
         self.experiment_id = self._experiment_id()
         run = self.client.create_run(self.experiment_id, run_name=self.study_name,
                                      tags={ROLE_TAG: "study", STUDY_TAG: self.study_name})
         self.parent_run_id = run.info.run_id
         self._log_parent_tags()
-        self._children = {}
+        self._children = ChildRuns(self.client, self.experiment_id, self.parent_run_id, self.study_name)
 
     def _experiment_id(self) -> str:
-        model, target = self._model_and_target()
+        model, target = model_and_target(self._attrs)
         name = self.experiment_override or experiment_name(model, target)
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
@@ -281,134 +268,33 @@ class MlflowTracker:
         root = local_artifact_root(self.uri)
         return self.client.create_experiment(name, artifact_location=root.resolve().as_uri() if root else None)
 
-    def _model_and_target(self) -> tuple[str, str]:
-        spec = self._attrs.get("spec") or {}
-        model = spec.get("model") or (self._attrs.get("fingerprint") or {}).get("name") or "model"
-        try:
-            from dsm_tune.evaluation.models import resolve_model_name
-
-            model = resolve_model_name(str(model))
-        except Exception:  # an alias the resolver does not know still names an experiment well enough
-            pass
-        return str(model), str(spec.get("target") or "target")
-
     def _log_parent_tags(self) -> None:
         from mlflow.entities import RunTag
 
-        attrs = self._attrs
-        spec = attrs.get("spec") or {}
-        versions = attrs.get("versions") or {}
-        model, target = self._model_and_target()
-        tags = {
-            ROLE_TAG: "study", STUDY_TAG: self.study_name, "model": model, "target": target,
-            "versions.dsm_tune": versions.get("dsm_tune"), "versions.timm": versions.get("timm"),
-            "versions.torch": versions.get("torch"),
-            # None in the spec means "the default": the space file of the model family (copied to the
-            # space.yaml artifact), the model's own data, the metric its data allows.
-            "search_space": spec.get("space") or "default (artifact space.yaml)",
-            "sampler": spec.get("sampler"), "data": spec.get("data") or "model default",
-            "data_fingerprint": attrs.get("data_fingerprint"),
-            "metric": spec.get("metric") or (attrs.get("baseline") or {}).get("metric"),
-            "max_accuracy_drop": spec.get("max_accuracy_drop"), "study_dir": str(self.study_dir.resolve()),
-            "mlflow.note.content": self._note(model, target, spec),
-        }
-        tags = [RunTag(k, tag_value(v)) for k, v in tags.items() if v is not None]
-        self.client.log_batch(self.parent_run_id, tags=tags)
-
-    def _note(self, model: str, target: str, spec: Mapping[str, Any]) -> str:
-        limit = spec.get("max_accuracy_drop")
-        return (f"dsm-tune study `{self.study_name}`: {model} on {target}"
-                + (f", accuracy-drop limit {limit}" if limit is not None else "")
-                + ". Pareto-optimal trials: filter `tags.pareto = 'true'`. Plots: artifacts pareto.html/pareto.png.")
+        model, target = model_and_target(self._attrs)
+        tags = parent_tags(self.study_name, self.study_dir, self._attrs, model, target)
+        self.client.log_batch(self.parent_run_id, tags=[RunTag(k, tag_value(v)) for k, v in tags.items()])
 
     def _close_parent(self, pareto_numbers: list[int]) -> None:
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
-        tags = [RunTag("pareto_trials", ",".join(str(n) for n in sorted(pareto_numbers))),
-                RunTag("n_trials", str(len(self._children or {})))]
-        metrics = []
-        best_path = self.study_dir / "best.json"
-        if best_path.exists():
-            try:
-                best = json.loads(best_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                best = {}
-            figures = best.get("metrics") or {}
-            for key in ("accuracy_drop", "latency_ms", "speedup", "flops_ratio"):
-                value = finite_metric(figures.get(key))
-                if value is not None:
-                    metrics.append(Metric(f"best_{key}", value, now, 0))
-            trial = (best.get("provenance") or {}).get("trial")
-            if trial is not None:
-                tags.append(RunTag("best_trial", str(trial)))
+        metrics, tags = closing_figures(StudyFolder.at(self.study_dir).best_file, pareto_numbers, len(self._children.runs))
         self._log_parent_tags()
-        self.client.log_batch(self.parent_run_id, metrics=metrics, tags=tags)
+        self.client.log_batch(self.parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                              tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(self.parent_run_id, status="FINISHED")
-
-    # --- children -----------------------------------------------------------------------------------------------
-    def _find_children(self) -> dict[int, _Child]:
-        children: dict[int, _Child] = {}
-        token = None
-        while True:
-            page = self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
-                max_results=1000, page_token=token)
-            for run in page:
-                number = run.data.tags.get(TRIAL_TAG)
-                if number is None or not number.isdigit():
-                    continue
-                child = _Child(run.info.run_id, run.info.status, run.data.tags.get(PARETO_TAG))
-                previous = children.get(int(number))
-                # Keep a finished duplicate over an unfinished one (a crash between create and terminate).
-                if previous is None or previous.status not in TERMINAL_STATUSES:
-                    children[int(number)] = child
-            token = page.token
-            if not token:
-                return children
 
     def _flush_pending(self) -> None:
         for number in sorted(self._pending):
-            self._log_child(self._pending[number])
+            self._children.log(self._pending[number])
             del self._pending[number]
         self._spool.write(self._pending)
-
-    def _log_child(self, payload: Mapping[str, Any]) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
-        number = payload["number"]
-        existing = self._children.get(number)
-        if existing is not None and existing.status in TERMINAL_STATUSES:
-            return
-        end_ms = payload.get("end_ms") or int(time.time() * 1000)
-        if existing is None:
-            run = self.client.create_run(
-                self.experiment_id, start_time=payload.get("start_ms"), run_name=f"trial-{number:04d}",
-                tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: str(number), ROLE_TAG: "trial",
-                      STUDY_TAG: self.study_name})
-            existing = _Child(run.info.run_id, "RUNNING", None)
-            self._children[number] = existing
-        # A fixed timestamp makes a retried batch identical to the first one, not a second history point.
-        metrics = [Metric(k, v, end_ms, 0) for k, v in payload["metrics"].items()]
-        params = [Param(k, str(v)) for k, v in payload["params"].items()]
-        tags = [RunTag(k, v) for k, v in payload["tags"].items()]
-        self.client.log_batch(existing.run_id, metrics=metrics, params=params, tags=tags)
-        status = RUN_STATUS_OF_STATE.get(payload["state"], "FAILED")
-        self.client.set_terminated(existing.run_id, status=status, end_time=end_ms)
-        existing.status = status
-
-    def _tag_pareto(self, front: set[int]) -> None:
-        for number, child in sorted(self._children.items()):
-            value = "true" if number in front else "false"
-            if child.pareto != value:
-                self.client.set_tag(child.run_id, PARETO_TAG, value)
-                child.pareto = value
 
     # --- artifacts --------------------------------------------------------------------------------------------
     def _upload_artifacts(self, study_dir: Path) -> None:
         if self.parent_run_id is None:
             return
-        for name in ARTIFACT_NAMES:
-            path = study_dir / name
+        for path in StudyFolder.at(study_dir).artifact_files:
             if path.is_file():
                 self.client.log_artifact(self.parent_run_id, str(path))
