@@ -34,8 +34,11 @@ def flat_probe(num_blocks: int, convergence: int | None, peak_at_convergence: bo
     return probe_with(similarity, convergence)
 
 
-def space_file(name: str) -> dict:
-    return yaml.safe_load((SPACES_DIR / f"{name}.yaml").read_text())
+SAMPLED = {"start_layer": [0, 6], "hierarchy_depth": [0, 3], "num_stages": [1, 3], "stage_ratio": [0.0, 0.4],
+           "ratio_step": 0.01, "proportional_attention": [True, False]}
+TRACED = {"start_layer_fraction": [0.0, 0.45], "hierarchy_depth": [0, 2], "local_blocks": [1, 3],
+          "front_loading": [-1.0, 2.0], "budget": [0.0, 0.9], "proportional_attention": [True, False]}
+SHIPPED = sorted(SPACES_DIR.glob("*.yaml")) + sorted(SPACES_DIR.glob("sampled/*.yaml"))
 
 
 def reparse(mapping: dict, fingerprint: ModelFingerprint):
@@ -43,7 +46,7 @@ def reparse(mapping: dict, fingerprint: ModelFingerprint):
 
 
 def test_start_layers_centre_on_the_convergence_block():
-    mapping = space_file("vit_base")   # start_layer [0, 6], stage_ratio [0, 0.4], num_stages [1, 3]
+    mapping = SAMPLED
     narrowed, why = narrow_space(mapping, flat_probe(12, 4), 12)
     assert narrowed["start_layer"] == [3, 5]
     assert why["start_layer"]["before"] == [0, 6] and why["start_layer"]["after"] == [3, 5]
@@ -56,7 +59,8 @@ def test_start_layers_centre_on_the_convergence_block():
 
 
 def test_fraction_key_is_replaced_by_blocks():
-    mapping = space_file("demo")   # start_layer_fraction [0, 0.5] -> blocks 0..3 of 6
+    mapping = {**SAMPLED, "start_layer_fraction": [0.0, 0.5]}   # -> blocks 0..3 of 6
+    del mapping["start_layer"]
     narrowed, why = narrow_space(mapping, flat_probe(6, 2), 6)
     assert "start_layer_fraction" not in narrowed and narrowed["start_layer"] == [1, 3]
     assert why["start_layer"]["key_before"] == "start_layer_fraction" and why["start_layer"]["before"] == [0, 3]
@@ -92,7 +96,7 @@ def test_a_block_outside_the_space_widens_it_and_says_so():
 
 
 def test_no_convergence_block_keeps_the_space():
-    mapping = space_file("vit_base")
+    mapping = SAMPLED
     narrowed, why = narrow_space(mapping, flat_probe(12, None), 12)
     assert narrowed == mapping
     assert why["start_layer"]["changed"] is False and "no convergence block" in why["start_layer"]["why"]
@@ -100,7 +104,7 @@ def test_no_convergence_block_keeps_the_space():
 
 def test_first_stage_ratio_scales_with_the_redundancy_at_convergence():
     similarity = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.8, 0.8, 0.8, 0.8]
-    narrowed, why = narrow_space(space_file("vit_base"), probe_with(similarity, 3), 12)
+    narrowed, why = narrow_space(SAMPLED, probe_with(similarity, 3), 12)
     # 0.5 / 0.8 of [0, 0.4] -> 0.25; later stages keep [0, 0.4]
     assert narrowed["stage_ratio"] == [[0.0, 0.25], [0.0, 0.4], [0.0, 0.4]]
     assert why["first_stage"]["after"] == [0.0, 0.25] and why["first_stage"]["share"] == pytest.approx(0.625)
@@ -132,8 +136,7 @@ def test_fixed_or_missing_ratio_is_left_alone():
 
 
 def test_traced_space_scales_front_loading():
-    mapping = {"start_layer_fraction": [0.0, 0.45], "hierarchy_depth": [0, 2], "local_blocks": [1, 3],
-               "front_loading": [-1.0, 2.0], "budget": [0.0, 0.9], "proportional_attention": [True, False]}
+    mapping = TRACED
     similarity = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.8, 0.8, 0.8, 0.8]
     narrowed, why = narrow_space(mapping, probe_with(similarity, 3), 12)
     assert narrowed["start_layer"] == [2, 4]
@@ -157,7 +160,7 @@ def test_a_pinned_start_layer_is_refused_in_one_line(mapping, shown):
 
 def test_a_probe_of_another_depth_is_refused():
     with pytest.raises(ProbeNarrowError, match="12-block model .* 24 blocks"):
-        narrow_space(space_file("vit_large"), flat_probe(12, 4), 24)
+        narrow_space(SAMPLED, flat_probe(12, 4), 24)
 
 
 def test_start_range_reads_either_key():
@@ -167,12 +170,11 @@ def test_start_range_reads_either_key():
         start_range({"start_layer": [0, 3], "start_layer_fraction": [0, 0.5]}, 12)
 
 
-@pytest.mark.parametrize("name", ["deit", "demo", "generic", "vit_base", "vit_huge", "vit_large", "vit_small",
-                                  "vit_tiny"])
-def test_every_shipped_space_narrows_into_a_valid_space(name):
-    mapping = space_file(name)
-    fingerprint = DEMO if name == "demo" else ModelFingerprint(
-        "m", {"vit_huge": 32, "vit_large": 24}.get(name, 12), (16, 16), 1, (224, 224), 384)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(SPACES_DIR)))
+def test_every_shipped_space_narrows_into_a_valid_space(path):
+    mapping = yaml.safe_load(path.read_text())
+    fingerprint = DEMO if path.stem == "demo" else ModelFingerprint(
+        "m", {"vit_huge": 32, "vit_large": 24}.get(path.stem, 12), (16, 16), 1, (224, 224), 384)
     blocks = fingerprint.num_blocks
     for convergence in (0, blocks // 3, blocks - 2):
         narrowed, _ = narrow_space(mapping, flat_probe(blocks, convergence, peak_at_convergence=False), blocks)
