@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from dsm_tune.search.folder import StudyFolder
     from dsm_tune.search.plots import write_pareto_plots
-    from dsm_tune.search.render import default_winner, format_trials, pareto_front, trial_table
+    from dsm_tune.search.render import (
+        default_winner, format_trials, latency_model_summary, pareto_front, trial_table,
+    )
     from dsm_tune.search.results import trials_frame
     from dsm_tune.search.select import frame_column
 
@@ -56,6 +58,9 @@ def main(args: argparse.Namespace) -> int:
         print(legend + ("; P = on the Pareto front" if args.all else ""))
     else:
         print("no measured trials yet")
+    summary = latency_model_summary(df)
+    if summary:
+        print(summary)
     paths = write_pareto_plots(df, args.plots_dir or folder.path, max_drop)
     print("plots: " + ", ".join(str(p) for p in paths))
     return 0

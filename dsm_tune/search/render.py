@@ -103,3 +103,23 @@ def format_trials(shown: pd.DataFrame, max_drop: float | None, winner: int | Non
                      _number(row["flops_ratio"]), _number(row["tokens_kept"]), "yes" if feasible else "no",
                      row["config"]])
     return format_table(rows, TABLE_HEADER)
+
+
+def latency_model_summary(df: pd.DataFrame) -> str | None:
+    """How well the traced search's latency model predicted the speedups it then measured (the prediction is made
+    before the trial, so this is out of sample), and how many trials it spared a timing. None for studies
+    without predictions (sampled spaces)."""
+    from dsm_tune.search.select import frame_column, numeric_column
+
+    if frame_column(df, "speedup_predicted") is None:
+        return None
+    predicted, measured = numeric_column(df, "speedup_predicted"), numeric_column(df, "speedup")
+    both = (predicted > 0) & (measured > 0)
+    reasons = frame_column(df, "fail_reason")
+    untimed = int(reasons.astype(str).str.startswith("not timed").sum()) if reasons is not None else 0
+    if not both.any():
+        return f"latency model: no timed trial yet; {untimed} trial(s) not timed"
+    errors = (predicted[both] / measured[both] - 1.0).abs()
+    return (f"latency model: predicted speedups within {100 * errors.median():.1f}% of the measured ones (median; "
+            f"worst {100 * errors.max():.1f}%) over {int(both.sum())} timed trials; {untimed} trial(s) not timed "
+            f"(over the limit, or predicted off the front)")

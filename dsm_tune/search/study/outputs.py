@@ -14,7 +14,9 @@ import pandas as pd
 from dsm_tune.search.folder import StudyFolder
 from dsm_tune.search.plots import write_pareto_plots
 from dsm_tune.search.progress import Progress
-from dsm_tune.search.render import default_winner, format_trials, pareto_front, trial_table
+from dsm_tune.search.render import (
+    default_winner, format_trials, latency_model_summary, pareto_front, trial_table,
+)
 from dsm_tune.search.results import pareto_numbers, write_trials_csv
 
 ARTIFACT_INTERVAL_S = 120.0
@@ -81,3 +83,6 @@ def print_front(frame: pd.DataFrame, max_drop: float, stream: TextIO) -> None:
     stream.write(f"Pareto front (accuracy drop <= {max_drop:g}), fastest first:\n")
     stream.write(format_trials(front, max_drop, default_winner(frame, max_drop)) + "\n")
     stream.write("* = best.json (what `dsm-tune export` picks by default)\n")
+    summary = latency_model_summary(frame)
+    if summary:
+        stream.write(summary + "\n")
