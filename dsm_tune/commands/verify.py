@@ -120,10 +120,29 @@ def _target(args: argparse.Namespace, recorded_target: Mapping[str, Any]):
                        compile=pick(args.compile, "compile"))
 
 
+def config_img_size(cfg) -> int | None:
+    """The image size to build the config's model at (None: the model's own)."""
+    from dsm_tune.evaluation.models import is_demo_model
+
+    name, (height, width) = cfg.model.name, cfg.model.img_size
+    # The demo model carries its own weights only when built at its native size; other models are built at the
+    # size the config was tuned for (e.g. DINOv2 at 224 rather than timm's 518).
+    return None if is_demo_model(name) or height != width else height
+
+
+def model_for_config(cfg, checkpoint: Path | str | None = None, pretrained: bool = False):
+    """The model a frozen config was tuned for, with these weights; refused in one line if the config does not fit."""
+    from dsm_tune.evaluation.models import build_model
+    from dsm_tune.merging import check_fits
+
+    model = build_model(cfg.model.name, checkpoint=checkpoint, pretrained=pretrained, img_size=config_img_size(cfg))
+    check_fits(model, cfg)
+    return model
+
+
 def main(args: argparse.Namespace) -> int:
-    from dsm_tune.evaluation.models import build_model, is_demo_model
     from dsm_tune.evaluation.trial import TrialEvaluator
-    from dsm_tune.merging import check_fits, load_config
+    from dsm_tune.merging import load_config
 
     _check_tolerances(args)
     cfg = load_config(args.file)
@@ -133,12 +152,9 @@ def main(args: argparse.Namespace) -> int:
     provenance = dict(cfg.provenance or {})
     target = _target(args, cfg.target or {})
 
-    name, (height, width) = cfg.model.name, cfg.model.img_size
-    # The demo model carries its own weights only when built at its native size; other models are built at the
-    # size the config was tuned for (e.g. DINOv2 at 224 rather than timm's 518).
-    img_size = None if is_demo_model(name) or height != width else height
+    name, img_size = cfg.model.name, config_img_size(cfg)
     # Refuse a model that does not fit before paying for data loading and the dense baseline.
-    check_fits(build_model(name, checkpoint=args.checkpoint, pretrained=args.pretrained, img_size=img_size), cfg)
+    model_for_config(cfg, args.checkpoint, args.pretrained)
 
     data = args.data if args.data is not None else provenance.get("data")
     metric = args.metric or metrics.get("metric")
