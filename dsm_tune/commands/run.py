@@ -21,7 +21,13 @@ DEFAULT_TRIALS = 24
 # whole trial, so a second CPU worker waits rather than adds throughput (README: "Workers").
 DEFAULT_WORKERS = 1
 DEFAULT_DEMO_LIMIT = 400
+# The demo ViT is tiny: at the cpu profile's batch 8, per-op overhead (matching, gathers) eats most of what merging
+# saves and the dense model timed against itself strays by tens of percent; a larger batch makes its speedups real
+# (benchmarks/latency_noise.py --model demo, figures in the README).
+DEFAULT_DEMO_CPU_BATCH = 64
 DEFAULT_MAX_DROP = 1.0
+# `--probe` without a file: probe the study's model here, on its data, before the study starts.
+PROBE_HERE = ""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ray-address", default=None,
                         help="address of a running Ray cluster (default: start a private local Ray on 127.0.0.1)")
     parser.add_argument("--seed", type=int, default=None, help="sampler seed (default 0)")
+    parser.add_argument("--probe", nargs="?", const=PROBE_HERE, default=None, metavar="PROBE_JSON",
+                        help="narrow the start layers (and the first stage's merge amount) around the block where "
+                             "attention converges: a probe.json written by `dsm-tune probe`, or no value to probe "
+                             "the model here first (up to 64 of the study's images); what was narrowed and why is "
+                             "recorded in spec.json, the study and the MLflow parent run")
     parser.set_defaults(func=main)
 
 
@@ -68,7 +79,10 @@ def build_spec(args: argparse.Namespace):
     if args.model is None:
         if args.study is None:
             raise StudyError("give --model (and --device) to start a study, or --study NAME to resume one")
-        return resume_spec(out, args.study, **changes)
+        spec = resume_spec(out, args.study, **changes)
+        if args.probe is not None:
+            _apply_probe(spec, args)
+        return spec
     from dsm_tune.evaluation.models import is_demo_model
 
     device = args.device
@@ -76,8 +90,11 @@ def build_spec(args: argparse.Namespace):
     limit = args.limit
     if limit is None and args.data is None and is_demo_model(args.model):
         limit = DEFAULT_DEMO_LIMIT
-    return StudySpec(
-        model=args.model, target=device, batch_size=args.batch_size, dtype=args.dtype, compile=args.compile,
+    batch_size = args.batch_size
+    if batch_size is None and device == "cpu" and is_demo_model(args.model):
+        batch_size = DEFAULT_DEMO_CPU_BATCH
+    spec = StudySpec(
+        model=args.model, target=device, batch_size=batch_size, dtype=args.dtype, compile=args.compile,
         data=args.data, limit=limit, metric=args.metric,
         checkpoint=str(args.checkpoint) if args.checkpoint is not None else None, pretrained=args.pretrained,
         max_accuracy_drop=args.max_accuracy_drop if args.max_accuracy_drop is not None else DEFAULT_MAX_DROP,
@@ -85,12 +102,52 @@ def build_spec(args: argparse.Namespace):
         sampler=args.sampler or DEFAULT_SAMPLER, space=str(args.space) if args.space is not None else None,
         seed=args.seed if args.seed is not None else 0, workers=workers, out=out, study=args.study,
         ray_address=args.ray_address, mlflow_uri=args.mlflow_uri, mlflow=not args.no_mlflow)
+    if args.probe is not None:
+        _apply_probe(spec, args)
+    return spec
+
+
+def _apply_probe(spec, args: argparse.Namespace) -> None:
+    """`--probe`: a new study starts from its space narrowed by the probe (search/probe_narrow.py); a resumed one
+    keeps the space it was started with."""
+    from dsm_tune.search.probe_narrow import ProbeNarrowError, narrow_study_space
+
+    folder = spec.folder
+    if folder.holds_study():
+        stored = folder.load().user_attrs["spec"]
+        if not stored.get("probe_narrowing"):
+            raise ProbeNarrowError(f"study {spec.study!r} was started without --probe and keeps its space; resume it "
+                                   "without --probe, or start a new --study")
+        spec.space, spec.probe, spec.probe_narrowing = stored["space"], stored["probe"], stored["probe_narrowing"]
+        return
+    narrow_study_space(spec, _probe_result(spec, args.probe))
+
+
+def _probe_result(spec, source: str):
+    from dsm_tune.evaluation.probe import DEFAULT_PROBE_IMAGES, load_probe, probe_named_model
+    from dsm_tune.evaluation.targets import TargetError, load_target
+
+    if source != PROBE_HERE:
+        return load_probe(source)
+    try:
+        target = load_target(spec.target, batch_size=spec.batch_size, dtype=spec.dtype)
+        device, dtype, batch = target.device, target.torch_dtype, target.batch_size
+    except TargetError:   # the target's device is elsewhere (a cluster): the statistics do not depend on it
+        import torch
+
+        device, dtype, batch = "cpu", torch.float32, 8
+    limit = min(spec.limit or DEFAULT_PROBE_IMAGES, DEFAULT_PROBE_IMAGES)
+    print(f"dsm-tune: probing {spec.model} on {limit} images ({device}) to narrow the space (--probe)", flush=True)
+    return probe_named_model(spec.model, spec.data, checkpoint=spec.checkpoint, pretrained=spec.pretrained,
+                             limit=limit, device=device, dtype=dtype, batch_size=batch)
 
 
 def main(args: argparse.Namespace) -> int:
     from dsm_tune.search.study import run_study
 
     spec = build_spec(args)
+    if spec.probe_narrowing:
+        print(f"dsm-tune: --probe: {spec.probe_narrowing['summary']} (space: {spec.space})", flush=True)
     result = run_study(spec, stream=sys.stdout)   # SIGTERM, like Ctrl-C, stops it cleanly
     if result.interrupted:
         return 130   # run_study has said what was kept and how to resume
