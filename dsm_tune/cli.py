@@ -9,6 +9,9 @@ import sys
 from dsm_tune import __version__
 from dsm_tune.errors import DSMTuneError
 
+# Import names of the `tune` extra (pyproject.toml): the base install is the runtime merger and evaluation only.
+TUNE_EXTRA_MODULES = ("optuna", "ray", "mlflow", "pandas", "matplotlib", "plotly", "scipy", "filelock")
+
 # Imported lazily so `dsm-tune measure` does not pay for importing ray/mlflow/optuna.
 COMMAND_MODULES = ("measure", "run", "report", "export", "verify", "ui", "probe")
 
@@ -43,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dsm-tune: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TUNE_EXTRA_MODULES:
+            raise
+        print(f"dsm-tune: error: `dsm-tune {args.command}` needs the tuner's packages ({exc.name} is not installed): "
+              "pip install 'dsm-tune[tune]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
