@@ -24,6 +24,8 @@ import copy
 import math
 from typing import Any, Mapping
 
+import yaml
+
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.evaluation.probe import ProbeResult
 
@@ -86,9 +88,10 @@ def narrow_space(mapping: Mapping[str, Any], probe: ProbeResult,
                                       "why": "no convergence block to measure the redundancy at"}
         return narrowed, explanation
 
-    narrowed.pop(key)
     new_range, why = _narrow_start(block, low, high, num_blocks)
-    narrowed["start_layer"] = list(new_range)
+    # The narrowed range is in blocks; it takes the place of the space's own key (a fraction becomes blocks).
+    narrowed = {("start_layer" if name == key else name): (list(new_range) if name == key else value)
+                for name, value in narrowed.items()}
     explanation["start_layer"] = {"key_before": key, "space_value": _plain(mapping[key]), "before": [low, high],
                                   "after": list(new_range), "changed": list(new_range) != [low, high], "why": why}
     explanation["first_stage"] = _narrow_first_stage(narrowed, probe, block)
@@ -104,7 +107,8 @@ def _narrow_start(block: int, low: int, high: int, num_blocks: int) -> tuple[tup
     new_high = max(new_high, min(last_start, block + 1))
     why = f"convergence block {block} +- {margin} (margin max(1, round({num_blocks} blocks / 12)))"
     if new_low < low or new_high > high:
-        why += f"; reaches outside the space's [{low}, {high}] so that blocks {block}-1 and {block}+1 stay possible"
+        neighbours = " and ".join(str(b) for b in (block - 1, block + 1) if 0 <= b <= last_start)
+        why += f"; reaches outside the space's [{low}, {high}] so that block(s) {neighbours} stay possible"
     else:
         why += f", within the space's [{low}, {high}]"
     return (new_low, new_high), why
@@ -159,6 +163,55 @@ def _narrow_first_ratio(narrowed: dict[str, Any], probe: ProbeResult, block: int
                    f"ratio_step grid; later stages keep [{low:g}, {high:g}])"}
 
 
+# What `run --probe` leaves in the study folder: the probe it used and the narrowed space the study starts from.
+PROBE_COPY = "probe.json"
+NARROWED_SPACE = "space.probe.yaml"
+
+
+def summary(explanation: Mapping[str, Any]) -> str:
+    """One line of what was narrowed (the MLflow parent run's `probe_narrowing` tag, the run command's notice)."""
+    block = explanation.get("convergence_block")
+    parts = [f"convergence block {block}" if block is not None else "no convergence block"]
+    start, first = explanation.get("start_layer") or {}, explanation.get("first_stage") or {}
+    if start.get("changed"):
+        parts.append(f"start_layer {start['before']} -> {start['after']}")
+    if first.get("changed"):
+        parts.append(f"first stage {first['key']} {first['before']} -> {first['after']}")
+    if len(parts) == 1:
+        parts.append("space unchanged")
+    return "; ".join(parts)
+
+
+def narrow_study_space(spec: Any, probe: ProbeResult) -> dict[str, Any]:
+    """Start a new study from its space narrowed by `probe`.
+
+    Writes the probe and the narrowed space into the study folder, points `spec.space` at the narrowed file (so a
+    resume reads the same space back) and records `spec.probe` and `spec.probe_narrowing` (the explanation, also
+    returned), which the study stores in its `spec` attr, spec.json and the MLflow parent run.
+    """
+    from dsm_tune.evaluation.models import resolve_model_name
+    from dsm_tune.search.space import precheck_space
+    from dsm_tune.search.study import _space_text
+
+    if resolve_model_name(probe.model) != resolve_model_name(spec.model):
+        raise ProbeNarrowError(f"the probe was measured on {probe.model}, the study tunes {spec.model}; probe the "
+                               f"study's model (dsm-tune probe --model {spec.model} ...)")
+    text, source = _space_text(spec, spec.folder, resumed=False)
+    precheck_space(text, source)
+    narrowed, explanation = narrow_space(yaml.safe_load(text), probe, probe.num_blocks)
+    explanation["space_source"] = str(source)
+    explanation["summary"] = summary(explanation)
+    folder = spec.folder.path
+    folder.mkdir(parents=True, exist_ok=True)
+    probe_path, space_path = folder / PROBE_COPY, folder / NARROWED_SPACE
+    probe.to_json(probe_path)
+    header = (f"# {source} narrowed by `dsm-tune run --probe` ({explanation['summary']}); what and why: "
+              f"spec.json probe_narrowing\n")
+    space_path.write_text(header + yaml.safe_dump(narrowed, sort_keys=False, default_flow_style=None))
+    spec.space, spec.probe, spec.probe_narrowing = str(space_path), str(probe_path), explanation
+    return explanation
+
+
 def _max_stages(mapping: Mapping[str, Any]) -> int:
     if "num_stages" not in mapping:
         return 1
@@ -169,4 +222,5 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-__all__ = ["narrow_space", "ProbeNarrowError", "start_range", "start_margin"]
+__all__ = ["narrow_space", "narrow_study_space", "summary", "ProbeNarrowError", "start_range", "start_margin",
+           "PROBE_COPY", "NARROWED_SPACE"]

@@ -62,6 +62,9 @@ class StudySpec:
     ray_address: str | None = _budget(None)
     mlflow_uri: str | None = _budget(None)
     mlflow: bool = _budget(True)
+    # `run --probe` (search/probe_narrow.py): the probe the space was narrowed with, and what was narrowed and why.
+    probe: str | None = None
+    probe_narrowing: dict | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)

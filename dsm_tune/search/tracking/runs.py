@@ -37,6 +37,8 @@ def parent_tags(study_name: str, study_dir: Path, attrs: Mapping[str, Any], mode
         "data_fingerprint": attrs.get("data_fingerprint"),
         "metric": spec.get("metric") or (attrs.get("baseline") or {}).get("metric"),
         "max_accuracy_drop": limit, "study_dir": str(Path(study_dir).resolve()), "mlflow.note.content": note,
+        # `run --probe`: what the probe narrowed (the details are in the spec.json artifact).
+        "probe_narrowing": (spec.get("probe_narrowing") or {}).get("summary"),
     }
     return {k: v for k, v in tags.items() if v is not None}
 
