@@ -13,7 +13,7 @@ from dsm_tune.errors import DSMTuneError
 TUNE_EXTRA_MODULES = ("optuna", "ray", "mlflow", "pandas", "matplotlib", "plotly", "scipy", "filelock")
 
 # Imported lazily so `dsm-tune measure` does not pay for importing ray/mlflow/optuna.
-COMMAND_MODULES = ("measure", "run", "report", "export", "verify", "ui", "probe")
+COMMAND_MODULES = ("measure", "run", "report", "export", "verify", "ui", "probe", "sync")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,12 +12,13 @@ config and measurements (trial user attrs), the wall time spent so far (`elapsed
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
 import optuna
 
@@ -26,8 +27,10 @@ from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.folder import StudyError, StudyFolder
 from dsm_tune.search.progress import Progress
 from dsm_tune.search.space import SpaceError, parse_space, precheck_space
-from dsm_tune.search.study.factory import DefaultEvaluatorFactory, resolve_target
+from dsm_tune.search.study.chatter import chatter_to
+from dsm_tune.search.study.factory import DefaultEvaluatorFactory
 from dsm_tune.search.study.loop import MAX_FRESH_DEATHS, WAIT_SLICE_S, Loop
+from dsm_tune.search.study.preflight import preflight
 from dsm_tune.search.study.proposer import Proposal, Proposer, ProposerFactory, SamplerProposer, default_proposer
 from dsm_tune.search.study.session import StudyResult, StudySession, Tracker
 from dsm_tune.search.study.spec import DEFAULT_SAMPLER, SAMPLERS, StudySpec, resume_spec
@@ -36,7 +39,7 @@ from dsm_tune.search.workers import (
 )
 
 __all__ = ["StudySpec", "StudyResult", "StudyError", "run_study", "resume_spec", "SAMPLERS", "DEFAULT_SAMPLER",
-           "Tracker", "Proposer", "Proposal", "SamplerProposer", "ProposerFactory", "Evaluator"]
+           "Tracker", "Proposer", "sync_tracking", "Proposal", "SamplerProposer", "ProposerFactory", "Evaluator"]
 
 STARTUP_NOTICE_S = 120.0      # a worker not up by then probably cannot be placed: say what it needs
 
@@ -50,9 +53,35 @@ def run_study(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | None
     `tracker` receives the trials (default: MLflow unless `spec.mlflow` is False); `proposer_factory(space, spec)`
     gives the proposer of configs (default: `default_proposer`, Optuna's sampler over the space).
     """
+    stream = stream or sys.stderr
+    with _study_lock(spec), chatter_to(spec.folder.log_file):
+        return _run_locked(spec, evaluator_factory, tracker, stream, proposer_factory or default_proposer)
+
+
+def sync_tracking(out: Path, study: str, mlflow_uri: str | None = None, tracker: Tracker | None = None,
+                  stream: TextIO | None = None) -> int:
+    """Deliver what the tracker queued (`mlflow_pending.jsonl`) and whatever finished trial MLflow lacks, without
+    running anything; returns how many trials stay queued (MLflow still unreachable)."""
+    from dsm_tune.search.results import trials_frame
+    from dsm_tune.search.tracking import MlflowTracker
+
+    spec = resume_spec(out, study, mlflow_uri=mlflow_uri)
+    with _study_lock(spec), chatter_to(spec.folder.log_file):
+        tracker = tracker if tracker is not None else MlflowTracker(uri=spec.mlflow_uri, out=spec.out)
+        progress = Progress(total=spec.trials, max_drop=spec.max_accuracy_drop, stream=stream or sys.stderr)
+        session = StudySession(spec, progress, tracker, resumed=True)
+        session.open()
+        session.start_tracking()
+        session.end_tracking(trials_frame(session.study))
+    pending = spec.folder.pending_file
+    return len(pending.read_text().splitlines()) if pending.exists() else 0
+
+
+@contextlib.contextmanager
+def _study_lock(spec: StudySpec) -> Iterator[None]:
+    """The study's lock for the whole run; a start that fails before the study exists leaves no folder."""
     from filelock import FileLock, Timeout
 
-    stream = stream or sys.stderr
     folder = spec.folder
     created = not folder.path.exists()
     folder.path.mkdir(parents=True, exist_ok=True)
@@ -63,11 +92,10 @@ def run_study(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | None
         raise StudyError(f"study {spec.study!r} is being run by another dsm-tune process ({folder.lock_file} is "
                          f"locked)") from None
     try:
-        return _run_locked(spec, evaluator_factory, tracker, stream, proposer_factory or default_proposer)
+        yield
     finally:
         lock.release()
         if created and not folder.storage_file.exists():
-            # A start that failed before the study existed leaves nothing behind (not a folder with a .lock).
             shutil.rmtree(folder.path, ignore_errors=True)
 
 
@@ -78,21 +106,36 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | No
     resumed = folder.holds_study()
     if resumed:
         spec.check_same_study(folder.load().user_attrs["spec"])
-    # Read the space before any worker starts so a malformed file fails fast; the fingerprint check comes later.
+    # Read the space before any worker starts so a malformed file fails fast.
     space_text, space_source = _space_text(spec, folder, resumed)
     precheck_space(space_text, space_source)
     progress = Progress(total=spec.trials, max_drop=spec.max_accuracy_drop, stream=stream)
-    progress.message(f"dsm-tune: {'resuming' if resumed else 'starting'} study {spec.study!r} in {folder.path} "
-                     f"({spec.model} on {spec.target}, {spec.workers} worker(s), sampler {spec.sampler})")
     session = StudySession(spec, progress, tracker if tracker is not None else _make_tracker(spec), resumed)
+    spent = None
     if resumed:
         session.open()
-        if session.budget_spent():
-            # Nothing to measure: no workers, no Ray; refresh the outputs from the storage.
-            return session.finish(stream, "budget", 0, interrupted=False)
-    factory = evaluator_factory or DefaultEvaluatorFactory.from_spec(spec)
-    target = resolve_target(spec) if evaluator_factory is None else None
-    placement = Placement.for_target(target, spec.workers) if target is not None else Placement()
+        spent = session.budget_spent()
+    # The default evaluator's inputs are checked here, before Ray and before the study is announced.
+    checked = preflight(spec) if evaluator_factory is None and spent is None else None
+    if checked is not None and checked.fingerprint is not None:
+        parse_space(space_text, checked.fingerprint, space_source)
+    progress.message(f"dsm-tune: {'resuming' if resumed else 'starting'} study {spec.study!r} in {folder.path} "
+                     f"({spec.model} on {spec.target}, {spec.workers} worker(s), sampler {spec.sampler})")
+    if spent is not None:
+        # Nothing to measure: no workers, no Ray; refresh the outputs from the storage, and deliver what the
+        # tracker queued while its server was down.
+        progress.message(spent)
+        if folder.pending_file.exists():
+            session.start_tracking()
+        return session.finish(stream, "budget", 0, interrupted=False)
+    placement = Placement.for_target(checked.target, spec.workers) if checked is not None else Placement()
+    return _run_workers(spec, session, evaluator_factory or DefaultEvaluatorFactory.from_spec(spec), placement,
+                        (space_text, space_source), proposer_factory, stream)
+
+
+def _run_workers(spec: StudySpec, session: StudySession, factory: Callable[[], Evaluator], placement: Placement,
+                 space_file: tuple[str, Path], proposer_factory: ProposerFactory, stream: TextIO) -> StudyResult:
+    progress = session.progress
     started_ray = start_ray(spec.ray_address, num_cpus=max(os.cpu_count() or 1, spec.workers)
                             if spec.ray_address is None else None)
     # Ray installs a fatal-signal handler for SIGTERM that ends the process on the spot; a `kill` should stop the
@@ -104,13 +147,10 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | No
     try:
         pool = WorkerPool(factory, spec.workers, placement)
         info = _wait_first_worker(pool, progress)
-        if info.baseline.get("metric") is None:
-            raise StudyError(f"model {spec.model} has no evaluation data, so no accuracy can be measured: give "
-                             f"--data (an image folder or a named data set)")
         fingerprint = ModelFingerprint.from_dict(info.fingerprint)
-        space = parse_space(space_text, fingerprint, space_source)
+        space = parse_space(space_file[0], fingerprint, space_file[1])
         session.open()
-        session.record_setup(info, fingerprint, space_text)
+        session.record_setup(info, fingerprint, space_file[0])
         session.prepare(space)
         session.start_tracking()
         elapsed_before = float(session.study.user_attrs.get("elapsed_s") or 0.0)

@@ -76,17 +76,15 @@ class StudySession:
     def done_count(self) -> int:
         return sum(t.state in SETTLED for t in self.study.get_trials(deepcopy=False))
 
-    def budget_spent(self) -> bool:
+    def budget_spent(self) -> str | None:
+        """Why nothing is left to run (the line to show), None while budget is left."""
         elapsed = float(self.study.user_attrs.get("elapsed_s") or 0.0)
         if self.done_count() >= self.spec.trials:
-            self.progress.message(f"dsm-tune: the budget of {self.spec.trials} trials is already spent; raise "
-                                  f"--trials to run more")
-            return True
+            return f"dsm-tune: the budget of {self.spec.trials} trials is already spent; raise --trials to run more"
         if self.spec.timeout is not None and elapsed >= self.spec.timeout:
-            self.progress.message(f"dsm-tune: the time budget of {format_duration(self.spec.timeout)} is already "
-                                  f"spent ({format_duration(elapsed)}); raise --timeout to run more")
-            return True
-        return False
+            return (f"dsm-tune: the time budget of {format_duration(self.spec.timeout)} is already spent "
+                    f"({format_duration(elapsed)}); raise --timeout to run more")
+        return None
 
     def record_setup(self, info: WorkerInfo, fingerprint: ModelFingerprint, space_text: str) -> None:
         study = self.study
@@ -141,6 +139,12 @@ class StudySession:
         self.tracker.log_trial(trial_record(frozen))
         self._store_parent_id()
 
+    def end_tracking(self, frame: Any) -> None:
+        """Give the tracker every finished trial (it logs what it lacks, its queue included) and close its run."""
+        finished = [trial_record(t) for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()]
+        self.tracker.end_study(pareto_numbers(frame), finished)
+        self._store_parent_id()
+
     # the end ---------------------------------------------------------------------------------------------------
     def finish(self, stream: TextIO, stopped_by: str, measured_now: int, interrupted: bool) -> StudyResult:
         spec, study = self.spec, self.study
@@ -148,9 +152,7 @@ class StudySession:
         final = write_final_outputs(study, self.folder, spec.max_accuracy_drop, self.progress)
         if self.tracking:
             self.tracker.refresh_artifacts(self.folder.path)
-            finished = [trial_record(t) for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-            self.tracker.end_study(pareto_numbers(final.frame), finished)
-            self._store_parent_id()
+            self.end_tracking(final.frame)
         print_front(final.frame, spec.max_accuracy_drop, stream)
         done = self.done_count()
         stream.write(f"Study files in {self.folder.path}: " + ", ".join(p.name for p in final.files) + "\n")

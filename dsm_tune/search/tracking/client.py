@@ -279,7 +279,8 @@ class MlflowTracker:
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
-        metrics, tags = closing_figures(StudyFolder.at(self.study_dir).best_file, pareto_numbers, len(self._children.runs))
+        best_file = StudyFolder.at(self.study_dir).best_file
+        metrics, tags = closing_figures(best_file, pareto_numbers, len(self._children.runs))
         self._log_parent_tags()
         self.client.log_batch(self.parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
                               tags=[RunTag(k, v) for k, v in tags.items()])
