@@ -25,7 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the most accurate trial at least Y times faster than dense")
     parser.add_argument("--trial", type=int, default=None, metavar="N", help="export trial N as it is")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the JSON file to write")
-    parser.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    parser.add_argument("--onnx", type=Path, default=None, metavar="FILE",
+                        help="also write the merged model as an ONNX graph at the target's batch size, the config "
+                             "embedded (needs dsm-tune[onnx]; the model gets the study's weights)")
+    parser.add_argument("--force", action="store_true", help="overwrite the output file(s) if they exist")
     parser.set_defaults(func=main)
 
 
@@ -39,6 +42,12 @@ def main(args: argparse.Namespace) -> int:
         raise ExportError(f"{output} already exists; pass --force to overwrite it")
     if output.exists() and not output.is_file():
         raise ExportError(f"{output} is not a file")
+    if args.onnx is not None:
+        from dsm_tune.merging.export import require_onnx_packages
+
+        require_onnx_packages("onnx", "onnxscript")
+        if args.onnx.exists() and not args.force:
+            raise ExportError(f"{args.onnx} already exists; pass --force to overwrite it")
     rule = Rule(max_accuracy_drop=args.max_accuracy_drop, min_speedup=args.min_speedup, trial=args.trial)
     study = load_study(Path(args.out) / args.study)
     spec = study.user_attrs.get("spec") or {}
@@ -60,4 +69,11 @@ def main(args: argparse.Namespace) -> int:
           f"accuracy drop {metrics.get('accuracy_drop', float('nan')):.3f}, "
           f"latency {metrics.get('latency_ms', float('nan')):.3f} ms, "
           f"speedup {metrics.get('speedup', float('nan')):.2f}x -> {output}")
+    if args.onnx is not None:
+        from dsm_tune.commands.verify import model_for_config
+        from dsm_tune.merging import export_onnx
+
+        batch_size = int((frozen.target or {}).get("batch_size") or 1)
+        model = model_for_config(frozen, spec.get("checkpoint"), bool(spec.get("pretrained")))
+        print(f"ONNX graph (batch {batch_size}, config embedded) -> {export_onnx(model, frozen, args.onnx, batch_size)}")
     return 0
