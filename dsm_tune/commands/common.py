@@ -19,7 +19,7 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
 
 def add_target_args(parser: argparse.ArgumentParser, compile_flags: bool = True) -> None:
     parser.add_argument("--device", default="cpu",
-                        help="hardware target profile: cpu, a100, h100, l4, t4, v100, ... (default: cpu)")
+                        help="hardware target profile: cpu, ort-cpu, a100, h100, l4, t4, v100, ... (default: cpu)")
     parser.add_argument("--batch-size", type=int, default=None, help="override the target's deployment batch size")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                         help="override the target's dtype")
