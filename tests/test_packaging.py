@@ -36,3 +36,12 @@ def test_a_tuner_command_without_the_tune_extra_is_one_line(tmp_path):
     missing = re.fullmatch(r"dsm-tune: error: `dsm-tune run` needs the tuner's packages \(([\w.]+) is not "
                            r"installed\): pip install 'dsm-tune\[tune\]'", lines[0])
     assert missing and missing.group(1).split(".")[0] in TUNE_EXTRA_MODULES
+
+
+def test_the_cli_starts_without_the_tune_extra():
+    # Every command module is imported to build the parser: none may need the tuner's packages at import time.
+    probe = (f"import sys; sys.modules.update(dict.fromkeys({TUNE_EXTRA_MODULES!r})); "
+             "from dsm_tune.cli import build_parser; build_parser().parse_args(['measure', '--help'])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage: dsm-tune measure" in done.stdout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 from dsm_tune.commands.common import DEFAULT_OUT, add_mlflow_args
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.interrupts import sigterm_as_interrupt
+from dsm_tune.search.ray_session import is_loopback_address
 
 # How long the server may take to shut down on SIGTERM before its process group is killed.
 STOP_GRACE_S = 10.0
@@ -36,15 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
     add_mlflow_args(parser)
     parser.set_defaults(func=main)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def ui_command(uri: str, host: str, port: int, workers: int = 1) -> list[str]:
@@ -76,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
         if not database.is_file():
             raise UIError(f"no MLflow store at {database}: run `dsm-tune run` first, or give --out / --mlflow-uri")
     command = ui_command(uri, args.host, args.port, args.workers)
-    if not _is_loopback(args.host):
+    if not is_loopback_address(args.host):
         print(f"dsm-tune: warning: binding the MLflow UI to {args.host} exposes every study on this network",
               file=sys.stderr)
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it); "

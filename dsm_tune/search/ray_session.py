@@ -51,6 +51,7 @@ def _host(address: str) -> str:
 
 
 def is_loopback_address(address: str) -> bool:
+    """Whether a host, `host:port`, `[v6]:port` or `ray://host:port` names this machine's loopback interface."""
     host = _host(address)
     if host == "localhost":
         return True
