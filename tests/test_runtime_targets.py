@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -43,6 +44,13 @@ def test_profile_file_runtime_is_validated(tmp_path, fields, message):
     path.write_text(json.dumps({"mine": profile}))  # JSON is YAML
     with pytest.raises(TargetError, match=message):
         load_target(str(path))
+
+
+def test_ort_target_without_the_onnx_extra_is_refused_before_any_work(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
+    with pytest.raises(TargetError, match=r"target 'ort-cpu' times ONNX Runtime, but onnxruntime is not installed"):
+        load_target("ort-cpu")
+    assert load_target("ort-cpu", check_available=False).runtime == "onnxruntime"
 
 
 def test_ort_runtime_times_exported_dense_and_merged_sessions_interleaved(monkeypatch):

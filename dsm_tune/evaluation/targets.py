@@ -127,6 +127,13 @@ def check_device_present(target: Target) -> None:
                               f"{torch.cuda.device_count()} CUDA device(s)")
     elif target.device == "mps" and not torch.backends.mps.is_available():
         raise TargetError(f"target '{target.name}' needs Apple MPS, which is not available here")
+    if target.runtime == "onnxruntime":
+        from dsm_tune.merging.export import OnnxExportError, require_onnx_packages
+
+        try:
+            require_onnx_packages("onnx", "onnxscript", "onnxruntime")
+        except OnnxExportError as exc:
+            raise TargetError(f"target '{target.name}' times ONNX Runtime, but {exc}") from None
 
 
 def load_target(name: str, batch_size: int | None = None, dtype: str | None = None, compile: bool | None = None,
