@@ -35,13 +35,15 @@ def no_ray(monkeypatch):
 
 
 def _start(tmp_path, **fields):
-    spec = StudySpec(**{"model": "demo", "target": "cpu", "trials": 2, "out": tmp_path, "mlflow": False,
-                        "study": "bad", **fields})
     log = io.StringIO()
-    with pytest.raises(DSMTuneError) as caught:
-        run_study(spec, stream=log)
+    for out in (tmp_path, tmp_path / "new-out"):
+        spec = StudySpec(**{"model": "demo", "target": "cpu", "trials": 2, "out": out, "mlflow": False,
+                            "study": "bad", **fields})
+        with pytest.raises(DSMTuneError) as caught:
+            run_study(spec, stream=log)
     assert "starting study" not in log.getvalue(), "the study was announced before its inputs were checked"
     assert not (tmp_path / "bad").exists(), "a failed start leaves no study folder (not even one with a .lock)"
+    assert not (tmp_path / "new-out").exists(), "nor the --out folder it created"
     return str(caught.value)
 
 

@@ -83,7 +83,8 @@ def _study_lock(spec: StudySpec) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     folder = spec.folder
-    created = not folder.path.exists()
+    # The outermost folder this start creates (the study's, or --out itself): what a failed start removes.
+    created = next((p for p in reversed([folder.path, *folder.path.parents]) if not p.exists()), None)
     folder.path.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder.lock_file))
     try:
@@ -95,8 +96,13 @@ def _study_lock(spec: StudySpec) -> Iterator[None]:
         yield
     finally:
         lock.release()
-        if created and not folder.storage_file.exists():
+        if created is not None and not folder.storage_file.exists():
             shutil.rmtree(folder.path, ignore_errors=True)
+            for parent in folder.path.parents:   # folders above it only while empty (another study may start)
+                if parent == created.parent:
+                    break
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
 
 
 def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | None, tracker: Tracker | None,
