@@ -97,3 +97,20 @@ def test_resume_continues_a_traced_shape_and_remeasures_the_trial_a_dead_driver_
     budgets = [t.params["budget"] for t in tome]
     assert len(budgets) == len(set(budgets)) >= 3
     assert len(_settled(study)) == 6
+
+
+def test_a_config_that_kills_its_worker_is_stepped_over_and_the_study_completes(tmp_path):
+    space = load_space(None, "demo", DEMO)
+    tome = space.seed_shapes()[0][1]
+    first_budget = round(space.budget[0] + 0.5 * (space.budget[1] - space.budget[0]), 4)
+    deadly = space.compile(tome, first_budget).key()
+    result = run_study(_spec(tmp_path, trials=6), evaluator_factory=StandInFactory(DEMO, die_on=(deadly,)),
+                       stream=io.StringIO())
+    study = load_study(result.study_dir)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].params["budget"] == first_budget
+    assert len(_settled(study)) == 6
+    # The ToMe shape went on below the budget that crashed (treated as infeasible), never asking it again.
+    tome_trials = [t for t in study.trials if t.user_attrs.get(SHAPE_ATTR) == tome.key()]
+    assert [t.params["budget"] for t in tome_trials].count(first_budget) == 1
+    assert any(t.params["budget"] < first_budget for t in _settled(study) if t.user_attrs.get(SHAPE_ATTR) == tome.key())

@@ -38,6 +38,7 @@ from dsm_tune.search.costmodel import LatencyModel
 from dsm_tune.search.shapes import BUDGET_PARAM, SHAPE_PARAMS, Shape
 from dsm_tune.search.space import TracedSpace, plan_key
 from dsm_tune.search.study.proposer import Proposal
+from dsm_tune.search.study.tell import QUEUED_AGAIN_ATTR
 from dsm_tune.search.tracer import BudgetTracer, TracePoint, log_drop_slope
 
 SHAPE_ATTR = "shape"                 # trial user attr: the shape's key
@@ -95,9 +96,18 @@ class TracedProposer:
         attrs = trial.user_attrs
         if attrs.get("seed_kind") == DENSE_KIND:
             self.dense_seen = True
-        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
-            return   # failed trials are queued again by the driver and measured later
         shape, budget = Shape.from_params(params), float(params[BUDGET_PARAM])
+        if trial.state == TrialState.FAIL:
+            run = self.runs.get(shape.key())
+            if run is not None:
+                run.tracer.pending.discard(budget)
+                if not attrs.get(QUEUED_AGAIN_ATTR):
+                    # A config that crashed its worker or raised: the tracer moves below it, as if infeasible.
+                    run.tracer.tell(budget, None)
+                    self._finish_if_done(run)
+            return
+        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            return
         cfg = self.space.compile(shape, budget)
         speedup = attrs.get("speedup")
         timed = isinstance(speedup, (int, float)) and math.isfinite(speedup) and speedup > 0

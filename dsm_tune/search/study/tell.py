@@ -21,7 +21,10 @@ ABORT_FACTOR = 2.0
 
 # Trial user attrs the driver owns; everything else a trial holds came from its evaluator.
 DRIVER_ATTRS = frozenset({"worker", "duplicate_of", "config", "config_key", "plan_key", "seed_kind", "constraint",
-                          "requeued_from", "merge_form", "fail_reason"})
+                          "requeued_from", "merge_form", "fail_reason", "queued_again"})
+# A FAILed trial whose parameters were enqueued again (it will be measured by its copy): a proposer tracking
+# what it asked must not count it as a failed config.
+QUEUED_AGAIN_ATTR = "queued_again"
 # Attrs about one particular evaluation run, not about the config: not copied onto a duplicate.
 RUN_ATTRS = frozenset({"wall_seconds", "lock_wait_s"})
 
@@ -121,6 +124,7 @@ class Teller:
 
     def requeue(self, task: Task, reason: str) -> None:
         """FAIL the trial (it never finished) and queue its parameters again for the next run."""
+        task.trial.set_user_attr(QUEUED_AGAIN_ATTR, True)
         self.fail(task.trial, reason)
         enqueue_again(self.study, dict(task.trial.params), task.trial.number, task.seed_kind)
 
@@ -140,6 +144,7 @@ def recover_stale(study: optuna.Study, storage: optuna.storages.BaseStorage) -> 
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         storage.set_trial_user_attr(trial_id, "fail_reason", "the process running the study ended while this trial "
                                                              "was running; queued again")
+        storage.set_trial_user_attr(trial_id, QUEUED_AGAIN_ATTR, True)
         study.tell(trial.number, state=TrialState.FAIL)
         enqueue_again(study, dict(trial.params), trial.number, trial.user_attrs.get("seed_kind"))
         count += 1
