@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += method_rows
 
     sweep_row = rows[0]
-    header = (f"| method | best <=0.25 | best <=0.5 | best <=1.0 | hypervolume | as fast at sweep points | wall "
-              f"| trials/h |")
+    header = ("| method | best <=0.25 | best <=0.5 | best <=1.0 | hypervolume | as fast at sweep points | wall "
+              "| trials/h |")
     print(f"\nViT-S/14 (real weights), feature metric on {args.limit} ImageNet images, CPU, limit "
           f"{args.max_drop:g} point(s), {args.trials} trials per study\n")
     print(header)

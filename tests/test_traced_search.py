@@ -9,7 +9,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 from optuna.trial import TrialState
 
 from dsm_tune.evaluation.metrics import AccuracyEvaluator, AccuracyResult
@@ -17,7 +16,7 @@ from dsm_tune.evaluation.trial import timing_skip_reason
 from dsm_tune.merging import DSMConfig, ModelFingerprint, Stage, block_plan
 from dsm_tune.search.costmodel import LatencyModel
 from dsm_tune.search.shapes import TOME_SHAPE, Shape, compile_schedule, tome_budget
-from dsm_tune.search.space import SpaceError, TracedSpace, parse_space, plan_key
+from dsm_tune.search.space import SpaceError, TracedSpace, parse_space
 from dsm_tune.search.strategy import SPEEDUP_PREDICTED_ATTR, TracedProposer
 from dsm_tune.search.tracer import BudgetTracer
 

@@ -436,13 +436,17 @@ def space_file_for(model_name: str, fingerprint: ModelFingerprint | None = None,
 def load_space(path: str | Path | None, model_name: str, fingerprint: ModelFingerprint) -> SearchSpace:
     """Read and check a search space for this model; `path` None picks `search_spaces/<family>.yaml`."""
     source = Path(path) if path is not None else space_file_for(model_name, fingerprint)
+    return parse_space(read_space_file(source), fingerprint, source)
+
+
+def read_space_file(source: Path) -> str:
+    """The text of a space file; SpaceError naming the file when it cannot be read."""
     try:
-        text = source.read_text()
+        return source.read_text()
     except FileNotFoundError:
         raise SpaceError(f"search space file not found: {source}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpaceError(f"cannot read search space file {source}: {exc}") from None
-    return parse_space(text, fingerprint, source)
 
 
 def _read_mapping(text: str, where: str) -> Mapping[str, Any]:

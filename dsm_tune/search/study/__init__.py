@@ -26,7 +26,7 @@ from dsm_tune.interrupts import sigterm_as_interrupt
 from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.folder import StudyError, StudyFolder
 from dsm_tune.search.progress import Progress
-from dsm_tune.search.space import SpaceError, parse_space, precheck_space
+from dsm_tune.search.space import parse_space, precheck_space, read_space_file
 from dsm_tune.search.study.chatter import chatter_to
 from dsm_tune.search.study.factory import DefaultEvaluatorFactory
 from dsm_tune.search.study.loop import MAX_FRESH_DEATHS, WAIT_SLICE_S, Loop
@@ -229,7 +229,7 @@ def _space_text(spec: StudySpec, folder: StudyFolder, resumed: bool) -> tuple[st
     copy = folder.space_copy
     if resumed and copy.is_file():
         text = copy.read_text()
-        if spec.space is not None and _read_space(Path(spec.space)) != text:
+        if spec.space is not None and read_space_file(Path(spec.space)) != text:
             raise StudyError(f"--space {spec.space} differs from the space study {spec.study!r} was started "
                              f"with ({copy}); resume without --space or start a new study")
         return text, copy
@@ -246,13 +246,6 @@ def _space_text(spec: StudySpec, folder: StudyFolder, resumed: bool) -> tuple[st
                 source = space_file_for(resolve_model_name(spec.model))
             except Exception:  # an unknown model fails clearly when the worker builds it
                 pass
-    return _read_space(source), source
+    return read_space_file(source), source
 
 
-def _read_space(source: Path) -> str:
-    try:
-        return source.read_text()
-    except FileNotFoundError:
-        raise SpaceError(f"search space file not found: {source}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpaceError(f"cannot read search space file {source}: {exc}") from None
