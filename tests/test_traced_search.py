@@ -297,3 +297,15 @@ def test_every_shipped_traced_space_loads_and_compiles_for_its_models():
             assert space.config_from_params(trial.params).key() == cfg.key()
             study.tell(trial, 0.0)
         assert [kind for kind, _ in space.seed_shapes()][0] == "tome"
+
+
+def test_full_scoring_only_when_the_config_could_enter_the_front():
+    proposer = TracedProposer(traced_space(), max_drop=1.0)
+    cfg = compile_schedule(TOME_SHAPE, tome_budget(4, FP), FP)
+    assert proposer._options(cfg)["screen_drop"] == 1.0               # nothing timed yet: screen at the limit
+    predicted = proposer.latency.predict(cfg).speedup
+    # A timed point far faster than this config can be makes its drop the bar; a slower one does not.
+    proposer.timed_front = [(0.3, 3.0 * predicted), (0.1, 1.0)]
+    options = proposer._options(cfg)
+    assert options["screen_drop"] == 0.3
+    assert options["timing"]["front"] == proposer.timed_front

@@ -10,8 +10,9 @@ structure, and on a real ViT-S it lost to a hand sweep of ToMe's r (issue 8). Sp
   alternates a model-based proposal (TPE) with a small mutation of the best shape so far, because a handful of
   shapes is too few for TPE alone;
 - `BudgetTracer` finds each shape's best budget within the limit in a few trials (search/tracer.py);
-- accuracy is screened on a stratified quarter of the images first (`screen_drop`): clearly infeasible budgets
-  cost a quarter of a trial, and they still bracket the bisection;
+- accuracy is screened on a stratified quarter of the images first (`screen_drop`): a config that is clearly
+  over the limit, or clearly less accurate than a timed config faster than it can be, costs a quarter of a trial,
+  and its estimated drop still brackets the bisection;
 - latency is predicted from the token schedule by `LatencyModel` (search/costmodel.py), fitted online, and only
   configs that could enter the front are timed (`timing`); predicted and measured speedups of every timed trial
   are recorded (`speedup_predicted`), so the model's error is reported.
@@ -174,10 +175,14 @@ class TracedProposer:
 
     def _options(self, cfg: DSMConfig) -> dict[str, Any]:
         prediction = self.latency.predict(cfg)
-        return {"screen_drop": self.max_drop,
+        margin = max(2.0 * prediction.rel_error, MIN_TIMING_MARGIN)
+        # Scoring every image only pays when the config could enter the front: screen against the limit, or
+        # against the drop of a timed point that is faster than even an optimistic prediction for this config.
+        optimistic = prediction.speedup * (1.0 + margin)
+        screen = min([self.max_drop] + [drop for drop, speedup in self.timed_front if speedup >= optimistic])
+        return {"screen_drop": screen,
                 "timing": {"max_drop": self.max_drop, "front": list(self.timed_front),
-                           "predicted_speedup": prediction.speedup,
-                           "margin": max(2.0 * prediction.rel_error, MIN_TIMING_MARGIN)}}
+                           "predicted_speedup": prediction.speedup, "margin": margin}}
 
     # shapes ------------------------------------------------------------------------------------------------
     def _open(self, shape: Shape, kind: str | None, replay: bool = False) -> _ShapeRun:
