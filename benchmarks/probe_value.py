@@ -5,7 +5,7 @@ For each model the probe runs once (`dsm-tune probe`, --probe-limit images); the
 `--probe <probe.json>` and one without, everything else equal (sampler, seed, trials, images, one worker).
 Reported per pair:
 - the hypervolume of each front (accuracy drop in [0, --max-drop] x relative latency in [0, 1], both minimised;
-  see search_quality.py), larger is better;
+  see fronts.py), larger is better;
 - the trials each study needs to reach the other's best feasible speedup (drop <= --max-drop), "never" when it
   does not within the budget. The probe is worth keeping only if it reaches the same front with fewer trials.
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_quality import hypervolume  # noqa: E402  (one definition of the benchmarks' hypervolume)
+from fronts import best_speedup_within, hypervolume  # noqa: E402  (the search benchmarks' shared front arithmetic)
 
 from dsm_tune.cli import main as cli_main  # noqa: E402
 from dsm_tune.search.results import load_study  # noqa: E402
@@ -75,18 +75,14 @@ def cli(*argv: str) -> None:
 
 
 def trials_in_order(study_dir: Path) -> list[tuple[int, float, float]]:
-    """(trial number, accuracy drop, relative latency = 1/speedup) of every measured trial, by trial number."""
+    """(trial number, accuracy drop, relative latency = 1/speedup) of every timed trial, by trial number (the
+    number counts every trial asked before it, timed or not, so it is the budget spent to get there)."""
     rows = []
     for trial in load_study(study_dir).get_trials():
         attrs = trial.user_attrs
         if trial.state.name == "COMPLETE" and attrs.get("speedup") and attrs.get("accuracy_drop") is not None:
             rows.append((trial.number, float(attrs["accuracy_drop"]), 1.0 / float(attrs["speedup"])))
     return sorted(rows)
-
-
-def best_speedup(rows: list[tuple[int, float, float]], max_drop: float) -> float:
-    feasible = [1.0 / latency for _, drop, latency in rows if drop <= max_drop]
-    return max(feasible, default=0.0)
 
 
 def trials_to_reach(rows: list[tuple[int, float, float]], speedup: float, max_drop: float) -> int | None:
@@ -106,8 +102,9 @@ def run_pair(setting: Setting, probe_path: Path, seed: int, args: argparse.Names
         study = f"{setting.label}-{arm}-seed{seed}"
         cli("run", *common, "--study", study, *extra)
         rows = trials_in_order(out / study)
-        results[arm] = {"rows": rows, "hypervolume": hypervolume([(d, r) for _, d, r in rows], args.max_drop),
-                        "best_speedup": best_speedup(rows, args.max_drop)}
+        points = [(drop, latency) for _, drop, latency in rows]
+        results[arm] = {"rows": rows, "hypervolume": hypervolume(points, args.max_drop),
+                        "best_speedup": best_speedup_within(points, args.max_drop)}
     for arm, other in (("plain", "probe"), ("probe", "plain")):
         results[arm]["trials_to_other_best"] = trials_to_reach(results[arm]["rows"], results[other]["best_speedup"],
                                                                args.max_drop)
