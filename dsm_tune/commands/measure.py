@@ -155,7 +155,8 @@ def render_table(doc: dict) -> str:
         lines.append(f"speedup         {doc['speedup']:.3f}x (IQR of per-pair ratios {doc['speedup_iqr']:.3f}, "
                      f"{doc['latency_repeats']} pairs)")
         if doc["compile_s"] is not None:
-            lines.append(f"compile time    {doc['compile_s']:.1f} s (not in the latency)")
+            lines.append(f"prepare time    {doc['compile_s']:.1f} s (compile, or ONNX export + sessions; "
+                         "not in the latency)")
         lines.append(f"tokens kept     {doc['tokens_kept']:.3f}, FLOPs ratio {doc['flops_ratio']:.3f}")
     lines.append("")
     lines.append("patch tokens entering each block")
