@@ -89,8 +89,8 @@ class TracedProposer:
         self.sampled_shapes = 0
 
     # observing ---------------------------------------------------------------------------------------------
-    def observe(self, trial: FrozenTrial) -> None:
-        """A finished trial of the study (told now, or replayed on resume)."""
+    def observe(self, trial: FrozenTrial) -> str | None:
+        """A finished trial of the study (told now, or replayed on resume); says so when it completes a shape."""
         params = trial.params
         if BUDGET_PARAM not in params:
             return
@@ -105,10 +105,10 @@ class TracedProposer:
                 if not attrs.get(QUEUED_AGAIN_ATTR):
                     # A config that crashed its worker or raised: the tracer moves below it, as if infeasible.
                     run.tracer.tell(budget, None)
-                    self._finish_if_done(run)
-            return
+                    return self._finish_if_done(run)
+            return None
         if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
-            return
+            return None
         cfg = self.space.compile(shape, budget)
         speedup = attrs.get("speedup")
         timed = isinstance(speedup, (int, float)) and math.isfinite(speedup) and speedup > 0
@@ -118,12 +118,12 @@ class TracedProposer:
             if isinstance(drop, (int, float)) and drop <= self.max_drop:
                 self.timed_front.append((float(drop), float(speedup)))
         if attrs.get("seed_kind") == DENSE_KIND:
-            return
-        run = self.runs.get(shape.key()) or self._open(shape, attrs.get("seed_kind"), replay=True)
+            return None
+        run = self.runs.get(shape.key()) or self._open(shape, attrs.get("seed_kind"))
         drop = attrs.get("accuracy_drop")
         run.tracer.tell(budget, float(drop) if isinstance(drop, (int, float)) else None,
                         float(speedup) if timed else None)
-        self._finish_if_done(run)
+        return self._finish_if_done(run)
 
     # proposing ---------------------------------------------------------------------------------------------
     def propose(self, study: optuna.Study) -> Proposal | None:
@@ -185,7 +185,7 @@ class TracedProposer:
                            "predicted_speedup": prediction.speedup, "margin": margin}}
 
     # shapes ------------------------------------------------------------------------------------------------
-    def _open(self, shape: Shape, kind: str | None, replay: bool = False) -> _ShapeRun:
+    def _open(self, shape: Shape, kind: str | None) -> _ShapeRun:
         self.shape_study.enqueue_trial(self._sampler_params(shape))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # a fixed parameter outside the sampler's range is fine here
@@ -254,11 +254,16 @@ class TracedProposer:
         finished = [run for run in self.runs.values() if run.finished]
         return max(finished, key=self._score) if finished else None
 
-    def _finish_if_done(self, run: _ShapeRun) -> None:
+    def _finish_if_done(self, run: _ShapeRun) -> str | None:
         if run.finished or not run.tracer.done():
-            return
+            return None
         run.finished = True
         self.shape_study.tell(run.sampler_trial, self._score(run))
+        best = run.tracer.best_feasible()
+        found = (f"best {self._predicted(run.shape, best):.2f}x (predicted) at drop {best.drop:.3f}, budget "
+                 f"{best.budget:.2f}" if best else "nothing within the limit")
+        label = f"{run.kind} shape" if run.kind else "shape"
+        return f"{label} traced in {len(run.tracer.points)} trials ({run.shape.describe()}): {found}"
 
     def _score(self, run: _ShapeRun) -> float:
         """Mean over SCORE_TARGETS of the shape's best predicted speedup within that share of the limit."""

@@ -14,6 +14,7 @@ import optuna
 
 from dsm_tune.search.folder import StudyError
 from dsm_tune.search.progress import Progress
+from dsm_tune.search.reference import NOISY_ATTR, truthy
 from dsm_tune.search.results import config_attr
 from dsm_tune.search.space import SearchSpace, SpaceError, plan_key
 from dsm_tune.search.study.dedup import SETTLED, PlanCache, Task
@@ -67,14 +68,18 @@ class Loop:
 
     def _record_progress(self, trial: optuna.trial.FrozenTrial, earlier: bool = False) -> None:
         attrs = trial.user_attrs
+        self.progress.reference_ms = self.teller.reference.latency_ms
         self.progress.record(trial.state.name, attrs.get("accuracy_drop"), attrs.get("latency_ms"),
-                             attrs.get("speedup"), trial.number, earlier=earlier)
+                             attrs.get("speedup"), trial.number, earlier=earlier,
+                             noisy=truthy(attrs.get(NOISY_ATTR)))
 
     def told(self, frozen: optuna.trial.FrozenTrial) -> None:
         self._record_progress(frozen)
         self.study.set_user_attr("elapsed_s", round(self.elapsed(), 3))
         self.on_told(frozen)
-        self.proposer.observe(frozen)
+        note = self.proposer.observe(frozen)
+        if note:
+            self.progress.message(f"dsm-tune: {note}")
         self.progress.update(force=True)
 
     # asking ----------------------------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ class Proposer(Protocol):
         """The next trial to run; None when nothing is ready now (the loop waits for running trials and asks
         again after the next `observe`; with nothing running, the study stops: the proposer is exhausted)."""
 
-    def observe(self, trial: optuna.trial.FrozenTrial) -> None:
-        """A trial was told (called after every tell, and at the start for every finished trial of a resume)."""
+    def observe(self, trial: optuna.trial.FrozenTrial) -> str | None:
+        """A trial was told (called after every tell, and at the start for every finished trial of a resume).
+        May return one line for the user (printed above the progress line when the trial is told now)."""
 
 
 ProposerFactory = Callable[[SearchSpace, "StudySpec"], Proposer]
