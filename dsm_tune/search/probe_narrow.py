@@ -191,12 +191,12 @@ def narrow_study_space(spec: Any, probe: ProbeResult) -> dict[str, Any]:
     """
     from dsm_tune.evaluation.models import resolve_model_name
     from dsm_tune.search.space import precheck_space
-    from dsm_tune.search.study import _space_text
+    from dsm_tune.search.study import study_space_text
 
     if resolve_model_name(probe.model) != resolve_model_name(spec.model):
         raise ProbeNarrowError(f"the probe was measured on {probe.model}, the study tunes {spec.model}; probe the "
                                f"study's model (dsm-tune probe --model {spec.model} ...)")
-    text, source = _space_text(spec, spec.folder, resumed=False)
+    text, source = study_space_text(spec, spec.folder, resumed=False)
     precheck_space(text, source)
     narrowed, explanation = narrow_space(yaml.safe_load(text), probe, probe.num_blocks)
     explanation["space_source"] = str(source)

@@ -39,7 +39,8 @@ from dsm_tune.search.workers import (
 )
 
 __all__ = ["StudySpec", "StudyResult", "StudyError", "run_study", "resume_spec", "SAMPLERS", "DEFAULT_SAMPLER",
-           "Tracker", "Proposer", "sync_tracking", "Proposal", "SamplerProposer", "ProposerFactory", "Evaluator"]
+           "Tracker", "Proposer", "sync_tracking", "Proposal", "SamplerProposer", "ProposerFactory", "Evaluator",
+           "study_space_text"]
 
 STARTUP_NOTICE_S = 120.0      # a worker not up by then probably cannot be placed: say what it needs
 
@@ -113,7 +114,7 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | No
     if resumed:
         spec.check_same_study(folder.load().user_attrs["spec"])
     # Read the space before any worker starts so a malformed file fails fast.
-    space_text, space_source = _space_text(spec, folder, resumed)
+    space_text, space_source = study_space_text(spec, folder, resumed)
     precheck_space(space_text, space_source)
     progress = Progress(total=spec.trials, max_drop=spec.max_accuracy_drop, stream=stream)
     session = StudySession(spec, progress, tracker if tracker is not None else _make_tracker(spec), resumed)
@@ -224,7 +225,7 @@ def _wait_first_worker(pool: WorkerPool, progress: Progress) -> WorkerInfo:
             pool.replace(event.slot)
 
 
-def _space_text(spec: StudySpec, folder: StudyFolder, resumed: bool) -> tuple[str, Path]:
+def study_space_text(spec: StudySpec, folder: StudyFolder, resumed: bool) -> tuple[str, Path]:
     """The space YAML: on resume the study's own copy (editing search_spaces/ later cannot change a study)."""
     copy = folder.space_copy
     if resumed and copy.is_file():
