@@ -10,7 +10,7 @@ from dsm_tune import __version__
 from dsm_tune.errors import DSMTuneError
 
 # Import names of the `tune` extra (pyproject.toml): the base install is the runtime merger and evaluation only.
-TUNE_EXTRA_MODULES = ("optuna", "ray", "mlflow", "pandas", "matplotlib", "plotly", "scipy", "filelock")
+TUNE_EXTRA_MODULES = ("optuna", "ray", "mlflow", "pandas", "matplotlib", "plotly", "scipy")
 
 # Imported lazily so `dsm-tune measure` does not pay for importing ray/mlflow/optuna.
 COMMAND_MODULES = ("measure", "run", "report", "export", "verify", "ui", "probe", "sync")

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from dsm_tune.cli import TUNE_EXTRA_MODULES
+
 PACKAGE = Path(__file__).resolve().parents[1] / "dsm_tune"
-TUNER_ONLY = ("optuna", "ray", "mlflow", "pandas", "plotly", "matplotlib")
+# The `tune` extra: a runtime-only install (the base dependencies) lacks every one of them.
+TUNER_ONLY = TUNE_EXTRA_MODULES
 
 
 @pytest.mark.parametrize("module", ["dsm_tune.merging", "dsm_tune.evaluation"])
