@@ -62,6 +62,15 @@ def _recorded(metrics: Mapping[str, Any], key: str, file: Path) -> float:
     return float(value)
 
 
+def recorded_figures(cfg, file: Path) -> dict[str, Any]:
+    """The figures a frozen config carries: accuracy drop and speedup (required), latency, dense latency (the
+    study's dense reference: latency_ms = baseline_latency_ms / speedup), FLOPs ratio, tokens kept."""
+    metrics = dict(cfg.metrics or {})
+    recorded = {key: _recorded(metrics, key, file) for key in ("accuracy_drop", "speedup")}
+    recorded.update({k: metrics.get(k) for k in ("latency_ms", "baseline_latency_ms", "flops_ratio", "tokens_kept")})
+    return recorded
+
+
 def _check_tolerances(args: argparse.Namespace) -> None:
     if not 0 <= args.speedup_tolerance < 1:
         raise VerifyError(f"--speedup-tolerance must be in [0, 1), got {args.speedup_tolerance}")
@@ -147,8 +156,7 @@ def main(args: argparse.Namespace) -> int:
     _check_tolerances(args)
     cfg = load_config(args.file)
     metrics = dict(cfg.metrics or {})
-    recorded = {key: _recorded(metrics, key, args.file) for key in ("accuracy_drop", "speedup")}
-    recorded.update({k: metrics.get(k) for k in ("latency_ms", "baseline_latency_ms", "flops_ratio", "tokens_kept")})
+    recorded = recorded_figures(cfg, args.file)
     provenance = dict(cfg.provenance or {})
     target = _target(args, cfg.target or {})
 
