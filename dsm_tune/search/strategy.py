@@ -115,7 +115,8 @@ class TracedProposer:
         if timed:
             self.latency.add(cfg, float(speedup))
             drop = attrs.get("accuracy_drop")
-            if isinstance(drop, (int, float)) and drop <= self.max_drop:
+            # A noisy speedup may not decide what else gets timed: it could be a lucky draw.
+            if isinstance(drop, (int, float)) and drop <= self.max_drop and not attrs.get("speedup_noisy"):
                 self.timed_front.append((float(drop), float(speedup)))
         if attrs.get("seed_kind") == DENSE_KIND:
             return None
