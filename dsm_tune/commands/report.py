@@ -23,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from dsm_tune.search.folder import StudyFolder
     from dsm_tune.search.plots import write_pareto_plots
+    from dsm_tune.search.reference import study_reference
     from dsm_tune.search.render import (
-        default_winner, format_trials, latency_model_summary, pareto_front, trial_table,
+        NOISY_LEGEND, default_winner, format_trials, latency_model_summary, pareto_front, trial_table,
     )
     from dsm_tune.search.results import trials_frame
     from dsm_tune.search.select import frame_column
@@ -47,15 +48,16 @@ def main(args: argparse.Namespace) -> int:
           f"accuracy-drop limit {max_drop if max_drop is not None else 'none'}")
     print(f"trials: {len(df)} (" + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) + f"), "
           f"{len(table)} measured, {len(front)} on the Pareto front")
-    baseline = table["baseline_latency_ms"].dropna()
-    if len(baseline):
-        print(f"dense latency: {baseline.median():.3f} ms per batch")
+    # Every latency below is this reference over the trial's speedup.
+    print(f"dense reference: {study_reference(study).describe()}")
     print()
     if len(shown):
         print(format_trials(shown, max_drop, winner, front if args.all else ()))
         print()
         legend = "* = what `dsm-tune export` picks by default (fastest within the limit)"
         print(legend + ("; P = on the Pareto front" if args.all else ""))
+        if shown["noisy"].any():
+            print(NOISY_LEGEND)
     else:
         print("no measured trials yet")
     summary = latency_model_summary(df)

@@ -1,8 +1,9 @@
-"""Pareto plots of a study: accuracy drop vs. measured latency, as interactive HTML and a static PNG.
+"""Pareto plots of a study: accuracy drop vs. latency, as interactive HTML and a static PNG.
 
 Both files show the same picture: every measured trial faint, the Pareto front stepped and highlighted, the
-dense and ToMe/paper seeds marked, the region over the study's accuracy-drop limit shaded, and the trial that
-`export` picks by default starred. They are built from the trials frame alone, so `report` can redraw them from
+dense and ToMe/paper seeds marked, trials with a noisy speedup crossed, the region over the study's accuracy-drop
+limit shaded, and the trial that `export` picks by default starred. Latencies are the study's dense reference
+over each trial's speedup (`dsm_tune.search.reference`), the dense line is that reference. They are built from the trials frame alone, so `report` can redraw them from
 the study storage without the driver.
 """
 
@@ -29,9 +30,14 @@ SPEEDUP_TICKS = (0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10)
 FRONT_COLOUR = "#1f5fbf"
 WINNER_COLOUR = "#d62728"
 INFEASIBLE_COLOUR = "#d62728"
+NOISY_COLOUR = "#8c564b"
+NOISY_LABEL = "noisy speedup (not on the front)"
 
 
-def _baseline_latency(table: pd.DataFrame) -> float | None:
+def _dense_reference(table: pd.DataFrame) -> float | None:
+    """The study's dense reference: every row of a trials frame carries the same one (`results.trials_frame`),
+    and each point's latency is it over the point's speedup, so the dense line and the speedup axis agree with
+    the points."""
     values = table["baseline_latency_ms"].dropna()
     return float(values.median()) if len(values) else None
 
@@ -81,7 +87,7 @@ def _hover(row: pd.Series) -> str:
     seed = f" ({row['seed_kind']} seed)" if row["seed_kind"] else ""
     return (f"trial {int(row['number'])}{seed}<br>drop {row['accuracy_drop']:.3f}<br>"
             f"latency {row['latency_ms']:.3f} ms (IQR {row['latency_iqr_ms']:.3f})<br>"
-            f"speedup {row['speedup']:.3f}x<br>FLOPs ratio {row['flops_ratio']:.3f}<br>"
+            f"speedup {row['speedup']:.3f}x{' (noisy)' if row['noisy'] else ''}<br>FLOPs ratio {row['flops_ratio']:.3f}<br>"
             f"tokens kept {row['tokens_kept']:.3f}<br>{row['config']}")
 
 
@@ -105,6 +111,12 @@ def _plotly_figure(table, front, winner, max_drop, title):
                 x=seeds["latency_ms"], y=seeds["accuracy_drop"], mode="markers", name=label,
                 marker=dict(symbol=symbol, size=12, color=colour, line=dict(color="white", width=1)),
                 hovertext=seeds.apply(_hover, axis=1).tolist(), hoverinfo="text"))
+    noisy = table[table["noisy"]]
+    if len(noisy):
+        figure.add_trace(go.Scatter(
+            x=noisy["latency_ms"], y=noisy["accuracy_drop"], mode="markers", name=NOISY_LABEL,
+            marker=dict(symbol="x", size=10, color=NOISY_COLOUR), hovertext=noisy.apply(_hover, axis=1).tolist(),
+            hoverinfo="text"))
     if winner is not None:
         best = table[table["number"] == winner]
         figure.add_trace(go.Scatter(
@@ -116,14 +128,14 @@ def _plotly_figure(table, front, winner, max_drop, title):
         figure.add_hrect(y0=max_drop, y1=high, fillcolor=INFEASIBLE_COLOUR, opacity=0.08, line_width=0,
                          annotation_text=f"infeasible: drop > {max_drop:g}", annotation_position="top left")
         figure.add_hline(y=max_drop, line=dict(color=INFEASIBLE_COLOUR, dash="dash", width=1))
-    baseline = _baseline_latency(table)
+    baseline = _dense_reference(table)
     if baseline is not None:
         figure.add_vline(x=baseline, line=dict(color="#222222", dash="dot", width=1),
                          annotation_text=f"dense {baseline:.3g} ms", annotation_position="bottom right")
     if table.empty:
         figure.add_annotation(text="no measured trials yet", showarrow=False, x=0.5, y=0.5, xref="paper",
                               yref="paper", font=dict(size=18))
-    figure.update_layout(title=title, xaxis_title="latency per batch (ms, median)",
+    figure.update_layout(title=title, xaxis_title="latency per batch (ms: dense reference / speedup)",
                          yaxis_title="accuracy drop (points)", yaxis_range=[low, high], template="plotly_white",
                          legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
     return figure
@@ -153,6 +165,10 @@ def _write_png(table, front, winner, max_drop, title, path: Path) -> None:
             if len(seeds):
                 axes.scatter(seeds["latency_ms"], seeds["accuracy_drop"], s=70, marker=marker, color=colour,
                              edgecolors="white", linewidths=0.8, label=label, zorder=7)
+        noisy = table[table["noisy"]]
+        if len(noisy):
+            axes.scatter(noisy["latency_ms"], noisy["accuracy_drop"], s=50, marker="x", color=NOISY_COLOUR,
+                         label=NOISY_LABEL, zorder=5)
         if winner is not None:
             best = table[table["number"] == winner]
             axes.scatter(best["latency_ms"], best["accuracy_drop"], s=260, marker="*", color=WINNER_COLOUR,
@@ -163,7 +179,7 @@ def _write_png(table, front, winner, max_drop, title, path: Path) -> None:
             axes.axhspan(max_drop, high, color=INFEASIBLE_COLOUR, alpha=0.08, lw=0,
                          label=f"infeasible (drop > {max_drop:g})")
             axes.axhline(max_drop, color=INFEASIBLE_COLOUR, ls="--", lw=0.8)
-        baseline = _baseline_latency(table)
+        baseline = _dense_reference(table)
         if baseline is not None:
             axes.axvline(baseline, color="#222222", ls=":", lw=0.9)
             axes.annotate(f"dense {baseline:.3g} ms", (baseline, low), textcoords="offset points", xytext=(-4, 4),
@@ -172,7 +188,7 @@ def _write_png(table, front, winner, max_drop, title, path: Path) -> None:
                 _speedup_axis(axes, baseline)
         if table.empty:
             axes.text(0.5, 0.5, "no measured trials yet", transform=axes.transAxes, ha="center", fontsize=14)
-        axes.set_xlabel("latency per batch (ms, median)")
+        axes.set_xlabel("latency per batch (ms: dense reference / speedup)")
         axes.set_ylabel("accuracy drop (points)")
         axes.set_title(title, fontsize=10)
         axes.grid(True, alpha=0.3)
@@ -184,7 +200,7 @@ def _write_png(table, front, winner, max_drop, title, path: Path) -> None:
 
 
 def _speedup_axis(axes, baseline: float) -> None:
-    """A top axis in speedup against the median dense latency, with ticks that do not crowd each other."""
+    """A top axis in speedup against the study's dense reference, with ticks that do not crowd each other."""
     def invert(values):  # latency <-> speedup; the axis may probe 0 while laying out ticks
         return baseline / np.maximum(np.abs(values), 1e-9)
 
@@ -197,5 +213,5 @@ def _speedup_axis(axes, baseline: float) -> None:
             visible.append(speedup)
             last = position
     top.set_xticks(visible, [f"{s:g}" for s in visible])
-    # Each trial's own speedup is against its interleaved dense runs; this axis uses their median.
-    top.set_xlabel("speedup vs. median dense latency (x)")
+    # Exact for every point: its latency is the reference over its own interleaved speedup.
+    top.set_xlabel("speedup vs. dense (x)")

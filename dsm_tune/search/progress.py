@@ -1,5 +1,10 @@
-"""The study's progress line: trials done/total, feasible count, Pareto size, best speedup within the drop limit,
-ETA. Rewritten in place on a terminal; one plain line per finished trial otherwise (logs, CI, pipes)."""
+"""The study's progress line: trials done/total, feasible count, Pareto size, best speedup within the drop limit
+and its latency under the study's dense reference, ETA. Rewritten in place on a terminal; one plain line per
+finished trial otherwise (logs, CI, pipes).
+
+Points are kept by speedup, not latency: a latency is the dense reference (which moves as trials come in) over the
+speedup, so the front and the best point follow the reference the line shows. A noisy speedup is counted as
+feasible but is no front point, as in `results.pareto_numbers`."""
 
 from __future__ import annotations
 
@@ -16,7 +21,6 @@ from dsm_tune.search.results import front_of
 class _Point:
     number: int
     drop: float
-    latency: float
     speedup: float
 
 
@@ -46,6 +50,7 @@ class Progress:
     failed: int = 0
     running: int = 0
     feasible: int = 0
+    reference_ms: float | None = None     # the study's dense reference (`reference.DenseReference`)
     _points: list[_Point] = field(default_factory=list)
     _session_done: int = 0
     _session_start: float = field(default_factory=time.monotonic)
@@ -57,7 +62,7 @@ class Progress:
             self.live = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def record(self, state: str, drop: float | None = None, latency: float | None = None,
-               speedup: float | None = None, number: int = -1, earlier: bool = False) -> None:
+               speedup: float | None = None, number: int = -1, earlier: bool = False, noisy: bool = False) -> None:
         """One finished trial; `earlier` ones (from before a resume) do not count towards this session's pace."""
         if state == "FAIL":
             self.failed += 1
@@ -68,17 +73,25 @@ class Progress:
         finite = all(v is not None and math.isfinite(v) for v in (drop, latency))
         if finite and drop <= self.max_drop:
             self.feasible += 1
-            if state == "COMPLETE":
-                self._points.append(_Point(number, drop, latency, speedup if speedup is not None else math.nan))
+            if state == "COMPLETE" and not noisy and speedup is not None and speedup > 0:
+                self._points.append(_Point(number, drop, speedup))
 
     @property
     def pareto_size(self) -> int:
-        return len(front_of((p.latency, p.drop, p.number) for p in self._points))
+        # 1 / speedup orders the points as reference / speedup (the latency) does, whatever the reference.
+        return len(front_of((1.0 / p.speedup, p.drop, p.number) for p in self._points))
 
     @property
     def best_speedup(self) -> float | None:
         speedups = [p.speedup for p in self._points if math.isfinite(p.speedup)]
         return max(speedups) if speedups else None
+
+    @property
+    def best_latency_ms(self) -> float | None:
+        best = self.best_speedup
+        if best is None or self.reference_ms is None:
+            return None
+        return round(self.reference_ms / best, 6)
 
     def eta_seconds(self) -> float:
         remaining = max(self.total - self.done, 0)
@@ -90,8 +103,10 @@ class Progress:
         return pace * remaining
 
     def render(self) -> str:
-        best = self.best_speedup
+        best, latency = self.best_speedup, self.best_latency_ms
         best_text = f"{best:.2f}x" if best is not None else "-"
+        if latency is not None:
+            best_text += f" ({latency:.4g} ms)"
         parts = [
             f"trials {self.done}/{self.total}",
             f"running {self.running}",
@@ -100,6 +115,8 @@ class Progress:
             f"best speedup @drop<={self.max_drop:g}: {best_text}",
             f"ETA {format_duration(self.eta_seconds())}",
         ]
+        if self.reference_ms is not None:
+            parts.insert(-1, f"dense {self.reference_ms:.4g} ms")
         if self.failed:
             parts.insert(2, f"failed {self.failed}")
         return " | ".join(parts)

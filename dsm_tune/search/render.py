@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 if TYPE_CHECKING:   # `measure` renders configs without importing the tuner's libraries
     import pandas as pd
 
+NOISY_MARK = "~"
+NOISY_LEGEND = "~ = noisy speedup (its interleaved pairs disagreed even when timed again): not on the front"
 TABLE_HEADER = ["trial", "seed", "drop", "latency_ms", "iqr_ms", "speedup", "flops", "tokens", "feasible", "config"]
 
 
@@ -60,7 +62,10 @@ def pareto_front(table: pd.DataFrame, max_drop: float | None = None) -> pd.DataF
 
     if table.empty:
         return table
-    front = set(pareto_numbers(table[["number", "state", "accuracy_drop", "latency_ms"]], max_drop))
+    from dsm_tune.search.reference import NOISY_ATTR
+
+    points = table[["number", "state", "accuracy_drop", "latency_ms"]].assign(**{NOISY_ATTR: table["noisy"]})
+    front = set(pareto_numbers(points, max_drop))
     return table[table["number"].isin(front)].sort_values(["latency_ms", "accuracy_drop"])
 
 
@@ -91,13 +96,14 @@ def format_table(rows: list[list[str]], header: list[str], left: tuple[int, ...]
 def format_trials(shown: pd.DataFrame, max_drop: float | None, winner: int | None = None,
                   front: Iterable[int] = ()) -> str:
     """The trial table of `report` and of the driver's final print: `*` marks the export default, `P` the
-    trials in `front`."""
+    trials in `front`, `~` a noisy speedup (never on the front, never picked by a rule)."""
     front = set(front)
     rows = []
     for _, row in shown.iterrows():
         number = int(row["number"])
         feasible = max_drop is None or row["accuracy_drop"] <= max_drop
-        marks = ("*" if number == winner else "") + ("P" if number in front else "")
+        marks = ("*" if number == winner else "") + ("P" if number in front else "") + (
+            NOISY_MARK if row["noisy"] else "")
         rows.append([f"{number}{marks}", row["seed_kind"] or "", _number(row["accuracy_drop"]),
                      _number(row["latency_ms"]), _number(row["latency_iqr_ms"]), _number(row["speedup"], 2) + "x",
                      _number(row["flops_ratio"]), _number(row["tokens_kept"]), "yes" if feasible else "no",

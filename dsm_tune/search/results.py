@@ -15,6 +15,7 @@ import optuna
 import pandas as pd
 
 from dsm_tune.search.folder import STORAGE_FILE, StudyError, StudyFolder
+from dsm_tune.search.reference import NOISY_ATTR, DenseReference, study_reference, truthy
 
 __all__ = ["STORAGE_FILE", "StudyError", "storage_url", "open_storage", "load_study", "trials_frame",
            "write_trials_csv", "pareto_numbers", "front_of", "json_safe",
@@ -27,7 +28,8 @@ BASE_COLUMNS = ("number", "state", "values_0", "values_1", "datetime_start", "da
 # Read first when present so the CSV is easy to scan; the rest follow alphabetically.
 PREFERRED_ATTRS = (
     "seed_kind", "accuracy_drop", "latency_ms", "speedup", "constraint", "metric", "metric_value", "aborted",
-    "latency_iqr_ms", "baseline_latency_ms", "flops_ratio", "tokens_kept", "num_images", "eval_seconds", "worker",
+    "latency_iqr_ms", "baseline_latency_ms", "latency_measured_ms", "baseline_measured_ms", "speedup_iqr",
+    NOISY_ATTR, "flops_ratio", "tokens_kept", "num_images", "eval_seconds", "worker",
     "fail_reason", "duplicate_of", "config_key", "config",
 )
 
@@ -53,7 +55,7 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def _row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+def _row(trial: optuna.trial.FrozenTrial, reference: DenseReference) -> dict[str, Any]:
     values = list(trial.values) if trial.values is not None else [math.nan, math.nan]
     duration = trial.duration.total_seconds() if trial.duration is not None else math.nan
     row: dict[str, Any] = {
@@ -67,7 +69,7 @@ def _row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     }
     for name, value in trial.params.items():
         row[f"params_{name}"] = value
-    for name, value in trial.user_attrs.items():
+    for name, value in reference.figures(trial.user_attrs).items():
         row[name] = _cell(value)
     return row
 
@@ -82,15 +84,20 @@ def _ordered_columns(columns: Iterable[str]) -> list[str]:
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, values_0/values_1 (accuracy drop, latency), params_*, user attrs.
+    """One row per trial: number, state, values_0/values_1 (accuracy drop, latency as told to Optuna), params_*,
+    user attrs.
 
-    `accuracy_drop`/`latency_ms` are also present as columns of their own (the user attrs), filled for completed
-    trials and for pruned ones where the evaluator measured them.
+    `accuracy_drop`/`latency_ms` are also present as columns of their own, filled for completed trials and for
+    pruned ones where the evaluator measured them. `latency_ms` and `baseline_latency_ms` are under the study's
+    current dense reference (`reference.study_reference`), not the one of the trial's tell: every row shares one
+    dense latency. The raw medians are `latency_measured_ms` / `baseline_measured_ms`.
     """
-    rows = [_row(t) for t in study.get_trials(deepcopy=False)]
+    reference = study_reference(study)
+    rows = [_row(t, reference) for t in study.get_trials(deepcopy=False)]
     columns = _ordered_columns([c for row in rows for c in row] + list(BASE_COLUMNS))
     frame = pd.DataFrame(rows, columns=columns)
-    for name in ("values_0", "values_1", "duration_s") + OBJECTIVES + ("constraint", "speedup"):
+    for name in ("values_0", "values_1", "duration_s") + OBJECTIVES + ("constraint", "speedup",
+                                                                       "baseline_latency_ms"):
         if name in frame:
             frame[name] = pd.to_numeric(frame[name], errors="coerce")
     return frame
@@ -110,13 +117,16 @@ def pareto_numbers(df: pd.DataFrame, max_drop: float | None = None) -> list[int]
     """Trial numbers of the non-dominated COMPLETE trials in (accuracy_drop, latency_ms), fastest first.
 
     With `max_drop`, only trials within that accuracy drop compete (the front of the feasible set). Ties (equal in
-    both objectives) are all kept.
+    both objectives) are all kept. A trial whose speedup is flagged noisy (`speedup_noisy`) is not on the front:
+    noise must not build it.
     """
     if df.empty or "state" not in df:
         return []
     drop_col = "accuracy_drop" if "accuracy_drop" in df else "values_0"
     latency_col = "latency_ms" if "latency_ms" in df else "values_1"
     done = df[df["state"] == "COMPLETE"]
+    if NOISY_ATTR in done:
+        done = done[~done[NOISY_ATTR].map(truthy)]
     drops = pd.to_numeric(done[drop_col], errors="coerce")
     latencies = pd.to_numeric(done[latency_col], errors="coerce")
     keep = drops.notna() & latencies.notna()

@@ -15,12 +15,15 @@ from typing import Any, Mapping
 import pandas as pd
 
 from dsm_tune.errors import DSMTuneError
+from dsm_tune.search.reference import NOISY_ATTR, study_reference, truthy
 from dsm_tune.search.results import json_safe
 
 # Trial metrics copied into the frozen document, in the order a reader wants them.
+# latency_ms = baseline_latency_ms (the study's dense reference) / speedup; the *_measured_ms are the trial's raw
+# interleaved medians (see `dsm_tune.search.reference`).
 FROZEN_METRIC_KEYS = ("metric", "metric_value", "accuracy_drop", "latency_ms", "latency_iqr_ms",
-                      "baseline_latency_ms", "baseline_latency_iqr_ms", "speedup", "speedup_iqr", "flops_ratio",
-                      "tokens_kept", "num_images")
+                      "baseline_latency_ms", "speedup", "speedup_iqr", NOISY_ATTR, "latency_measured_ms",
+                      "baseline_measured_ms", "baseline_latency_iqr_ms", "flops_ratio", "tokens_kept", "num_images")
 
 class SelectionError(DSMTuneError):
     """A selection rule or trial reference is malformed."""
@@ -52,13 +55,14 @@ def _bool_column(df: pd.DataFrame, key: str) -> pd.Series:
     if column is None:
         return pd.Series(False, index=df.index)
     # A csv round trip turns booleans into the strings "True"/"False".
-    return column.map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
+    return column.map(truthy)
 
 
 def measured_trials(df: pd.DataFrame) -> pd.DataFrame:
     """COMPLETE, not early-aborted trials with a finite drop and latency: the ones a winner can come from.
 
-    Returns a frame indexed like `df` with the columns number, state, accuracy_drop, latency_ms, speedup.
+    Returns a frame indexed like `df` with the columns number, state, accuracy_drop, latency_ms, speedup, aborted,
+    noisy (the speedup is flagged `speedup_noisy`: kept here, left out by the rules and the front).
     """
     if "number" not in df.columns:
         raise SelectionError("the trials frame has no 'number' column: not a dsm-tune trials frame")
@@ -69,7 +73,8 @@ def measured_trials(df: pd.DataFrame) -> pd.DataFrame:
     speedup = speedup.where(speedup.notna(), baseline / latency)
     state = df["state"].astype(str)
     table = pd.DataFrame({"number": df["number"].astype(int), "state": state, "accuracy_drop": drop,
-                          "latency_ms": latency, "speedup": speedup, "aborted": _bool_column(df, "aborted")})
+                          "latency_ms": latency, "speedup": speedup, "aborted": _bool_column(df, "aborted"),
+                          "noisy": _bool_column(df, NOISY_ATTR)})
     usable = ((table["state"] == "COMPLETE") & ~table["aborted"]
               & table["accuracy_drop"].map(math.isfinite) & table["latency_ms"].map(math.isfinite))
     return table[usable]
@@ -89,6 +94,9 @@ class Rule:
     - `max_accuracy_drop=X`: the fastest trial with drop <= X;
     - `min_speedup=Y`: the most accurate trial at least Y times faster than dense (within X when also given);
     - `trial=N`: that trial, whatever its figures.
+
+    The rules choose among trials with a trustworthy speedup only: a trial flagged `speedup_noisy` (its interleaved
+    pairs disagreed even when timed again) is taken by `trial=N` alone.
     """
 
     max_accuracy_drop: float | None = None
@@ -122,8 +130,12 @@ def pick_winner(df: pd.DataFrame, rule: Rule, study_max_drop: float | None) -> i
     if rule.trial is not None:
         return _check_named_trial(df, rule.trial)
     measured = measured_trials(df)
+    noisy = int(measured["noisy"].sum())
+    measured = measured[~measured["noisy"]]
     if measured.empty:
-        raise NoWinnerError(f"no trial to choose from: {_state_summary(df)}")
+        raise NoWinnerError(f"no trial to choose from: {_state_summary(df)}"
+                            + (f"; {noisy} measured trial(s) have a noisy speedup (pick one with --trial N)"
+                               if noisy else ""))
 
     limit = rule.max_accuracy_drop
     if limit is None and rule.min_speedup is None:
@@ -205,7 +217,8 @@ def freeze_trial(study: Any, number: int):
     trial = _study_trial(study, number)
     if trial.state.name != "COMPLETE":
         raise NoWinnerError(f"trial {number} is {trial.state.name}, not COMPLETE; only measured trials can be exported")
-    attrs, study_attrs = trial.user_attrs, study.user_attrs
+    study_attrs, reference = study.user_attrs, study_reference(study)
+    attrs = reference.figures(trial.user_attrs)
     for key, holder, where in (("config", attrs, f"trial {number}"), ("fingerprint", study_attrs, "the study"),
                                ("spec", study_attrs, "the study")):
         if key not in holder:
@@ -217,7 +230,11 @@ def freeze_trial(study: Any, number: int):
     config = DSMConfig.from_dict(document, require_model=True)
 
     metrics = {key: attrs[key] for key in FROZEN_METRIC_KEYS if key in attrs}
-    metrics["baseline"] = study_attrs.get("baseline")
+    # The dense record of the study, its latency the reference every figure above is relative to (the first
+    # dense timing, possibly taken under load, is kept under its own name).
+    dense = {k: v for k, v in (study_attrs.get("baseline") or {}).items() if not k.startswith("latency")}
+    metrics["baseline"] = {**dense, "latency_ms": reference.latency_ms, "dense_timings": reference.timings,
+                           "first_latency_ms": reference.first_ms}
     metrics["max_accuracy_drop"] = spec.get("max_accuracy_drop")
     metrics["tokens_per_block"] = list(token_schedule(config))
     completed = trial.datetime_complete

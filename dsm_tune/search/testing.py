@@ -20,11 +20,15 @@ class StandInEvaluator:
     matching, and shrinks with proportional attention, so the search has a real trade-off to find. A config whose
     key is in `die_on` ends the worker process abruptly (as a crash or OOM kill would); `fail_on` raises instead
     (`"*"`: every config).
+
+    `drift` multiplies the dense and merged timings of the n-th evaluation by `drift[n % len(drift)]` (a machine
+    whose load comes and goes: the speedup is unchanged). Every `noisy_every`-th evaluation reports a speedup
+    1.5x too high flagged `speedup_noisy`, as a timing under bursty load would be.
     """
 
     def __init__(self, fingerprint: ModelFingerprint, cost_s: float = 0.0, die_on: tuple[str, ...] = (),
                  fail_on: tuple[str, ...] = (), die_on_init: bool = False, baseline_latency_ms: float = 10.0,
-                 die_marker: str | None = None):
+                 die_marker: str | None = None, drift: tuple[float, ...] = (), noisy_every: int = 0):
         if die_on_init:
             os._exit(3)
         self.fingerprint = fingerprint
@@ -33,9 +37,13 @@ class StandInEvaluator:
         self.fail_on = set(fail_on)
         self.die_marker = die_marker
         self.baseline_latency_ms = baseline_latency_ms
-        self.baseline = {"metric": "top1", "metric_value": 90.0, "latency_ms": baseline_latency_ms,
+        # The study's first dense timing is taken under the first drift (as a real one taken under load is).
+        first_dense = baseline_latency_ms * (drift[0] if drift else 1.0)
+        self.baseline = {"metric": "top1", "metric_value": 90.0, "latency_ms": first_dense,
                          "data_fingerprint": "stand-in"}
         self.data_fingerprint = "stand-in"
+        self.drift, self.noisy_every = tuple(drift), noisy_every
+        self.evaluations = 0
 
     def evaluate(self, cfg: DSMConfig, **options: Any) -> dict[str, Any]:
         """`options` are recorded as `options_seen` (what the driver asked the evaluator for)."""
@@ -61,13 +69,17 @@ class StandInEvaluator:
         if cfg.proportional_attention:
             drop *= 0.85
         mean_tokens = sum(p.tokens_in + p.tokens_out for p in plans) / (2 * blocks * initial)
-        latency = self.baseline_latency_ms * (0.08 + 0.92 * mean_tokens)
+        index, self.evaluations = self.evaluations, self.evaluations + 1
+        dense = self.baseline_latency_ms * (self.drift[index % len(self.drift)] if self.drift else 1.0)
+        noisy = bool(self.noisy_every) and index % self.noisy_every == self.noisy_every - 1
+        latency = dense * (0.08 + 0.92 * mean_tokens) / (1.5 if noisy else 1.0)
         final = plans[-1].tokens_out / initial if plans else 1.0
         return {
             "metric": "top1", "metric_value": 90.0 - drop, "accuracy_drop": round(drop, 6), "aborted": False,
-            "latency_ms": round(latency, 6), "latency_iqr_ms": 0.0, "baseline_latency_ms": self.baseline_latency_ms,
-            "speedup": round(self.baseline_latency_ms / latency, 6), "flops_ratio": round(mean_tokens, 6),
+            "latency_ms": round(latency, 6), "latency_iqr_ms": 0.0, "baseline_latency_ms": round(dense, 6),
+            "speedup": round(dense / latency, 6), "flops_ratio": round(mean_tokens, 6),
             "tokens_kept": round(final, 6), "num_images": 100, "eval_seconds": time.perf_counter() - started,
+            **({"speedup_noisy": True} if noisy else {}),
             **({"options_seen": dict(options)} if options else {}),
         }
 
@@ -82,7 +94,10 @@ class StandInFactory:
     fail_on: tuple[str, ...] = ()
     die_on_init: bool = False
     die_marker: str | None = None
+    drift: tuple[float, ...] = ()
+    noisy_every: int = 0
 
     def __call__(self) -> StandInEvaluator:
         return StandInEvaluator(self.fingerprint, cost_s=self.cost_s, die_on=self.die_on, fail_on=self.fail_on,
-                                die_on_init=self.die_on_init, die_marker=self.die_marker)
+                                die_on_init=self.die_on_init, die_marker=self.die_marker, drift=self.drift,
+                                noisy_every=self.noisy_every)

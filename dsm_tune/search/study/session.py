@@ -13,6 +13,7 @@ import optuna
 from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.folder import StudyError
 from dsm_tune.search.progress import Progress, format_duration
+from dsm_tune.search.reference import study_reference
 from dsm_tune.search.results import json_safe, pareto_numbers
 from dsm_tune.search.space import SearchSpace, replay_attrs
 from dsm_tune.search.study.dedup import SETTLED
@@ -141,7 +142,10 @@ class StudySession:
 
     def end_tracking(self, frame: Any) -> None:
         """Give the tracker every finished trial (it logs what it lacks, its queue included) and close its run."""
-        finished = [trial_record(t) for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()]
+        # Under the current dense reference: the trials MLflow still lacks get the figures of trials.csv.
+        reference = study_reference(self.study)
+        finished = [trial_record(t, reference) for t in self.study.get_trials(deepcopy=False)
+                    if t.state.is_finished()]
         self.tracker.end_study(pareto_numbers(frame), finished)
         self._store_parent_id()
 

@@ -1,5 +1,10 @@
 """Telling the study what became of a trial: measured (COMPLETE), not measured to the end (PRUNED), failed
-(FAIL, queued again when it never finished), and the latency objective that goes into Optuna."""
+(FAIL, queued again when it never finished), and the latency objective that goes into Optuna.
+
+The latency objective is the study's dense reference (`dsm_tune.search.reference`: the median of every dense
+timing so far, this trial's included) over the trial's interleaved speedup. Optuna keeps the value as told; a
+finished trial cannot be told again, so later reference updates reach the surfaces (which recompute from the
+speedup when they read the study) but not Optuna's stored `values_1`."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import Any, Callable, Mapping
 import optuna
 from optuna.trial import TrialState
 
+from dsm_tune.search.reference import REFERENCE_ATTR, DenseReference, MEASURED_STATES, trial_dense_ms
 from dsm_tune.search.results import json_safe
 from dsm_tune.search.space import replay_attrs
 from dsm_tune.search.study.dedup import Task
@@ -29,19 +35,6 @@ QUEUED_AGAIN_ATTR = "queued_again"
 RUN_ATTRS = frozenset({"wall_seconds", "lock_wait_s"})
 
 
-def objective_latency(result: Mapping[str, Any], reference_ms: Any) -> Any:
-    """The latency objective: the study's one dense reference latency divided by the trial's speedup.
-
-    The speedup comes from dense and merged runs interleaved within the trial, so machine drift between trials
-    (other jobs, thermal state, a neighbour worker's accuracy pass) cancels in it, while a trial's raw median
-    latency carries that drift straight into the Pareto front. The raw figure stays in the trial as
-    `latency_measured_ms`."""
-    speedup, raw = result.get("speedup"), result.get("latency_ms")
-    if is_finite_number(speedup) and float(speedup) > 0 and is_finite_number(reference_ms):
-        return round(float(reference_ms) / float(speedup), 6)
-    return raw
-
-
 def copied_result(earlier: optuna.trial.FrozenTrial) -> dict[str, Any]:
     """What a duplicate takes over from the trial that measured its plan."""
     result = {k: v for k, v in earlier.user_attrs.items() if k not in DRIVER_ATTRS | RUN_ATTRS}
@@ -61,7 +54,11 @@ class Teller:
         self.storage = storage
         self.study_id = storage.get_study_id_from_name(study.study_name)
         self.max_drop = max_drop
-        self.reference_latency_ms = (study.user_attrs.get("baseline") or {}).get("latency_ms")
+        self.first_dense_ms = (study.user_attrs.get("baseline") or {}).get("latency_ms")
+        timings = [trial_dense_ms(t.user_attrs) for t in study.get_trials(deepcopy=False)
+                   if t.state.name in MEASURED_STATES]
+        self.dense_timings = [t for t in timings if t is not None]
+        self.reference = DenseReference.of(self.dense_timings, self.first_dense_ms)
         self.on_told = on_told
         self.used = used
 
@@ -84,10 +81,11 @@ class Teller:
             trial.set_user_attr("wall_seconds", round(wall_s, 3))
         if duplicate_of is not None:
             trial.set_user_attr("duplicate_of", duplicate_of)
-        drop, latency = result.get("accuracy_drop"), objective_latency(result, self.reference_latency_ms)
-        if latency is not None and latency != result.get("latency_ms"):
-            trial.set_user_attr("latency_measured_ms", json_safe(result.get("latency_ms")))
-            trial.set_user_attr("latency_ms", latency)
+        figures = self._with_reference(result, duplicate_of)
+        for key in ("latency_measured_ms", "baseline_measured_ms", "baseline_latency_ms", "latency_ms"):
+            if key in figures:
+                trial.set_user_attr(key, json_safe(figures[key]))
+        drop, latency = result.get("accuracy_drop"), figures.get("latency_ms")
         if is_finite_number(drop):
             constraint = float(drop) - self.max_drop
             trial.set_user_attr("constraint", constraint)
@@ -102,6 +100,16 @@ class Teller:
             self.study.tell(trial, state=TrialState.PRUNED)
         self.used += 1
         return self._told(trial.number)
+
+    def _with_reference(self, result: Mapping[str, Any], duplicate_of: int | None) -> dict[str, Any]:
+        """The result's latency figures under the reference updated with its own dense timing (a duplicate's
+        is a copy: it does not count again)."""
+        timing = trial_dense_ms({**result, "duplicate_of": duplicate_of})
+        if timing is not None:
+            self.dense_timings.append(timing)
+            self.reference = DenseReference.of(self.dense_timings, self.first_dense_ms)
+            self.study.set_user_attr(REFERENCE_ATTR, self.reference.to_attr())
+        return self.reference.figures(result)
 
     def copy(self, task: Task, earlier: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
         """Settle a duplicate with the earlier measurement instead of measuring again."""

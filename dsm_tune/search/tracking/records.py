@@ -8,13 +8,16 @@ import math
 from typing import Any, Mapping
 
 from dsm_tune.errors import DSMTuneError
+from dsm_tune.search.reference import NOISY_ATTR, DenseReference
 
-# Trial attrs logged as child-run metrics (names as in the trials frame, so the two compare 1:1).
+# Trial attrs logged as child-run metrics (names as in the trials frame, so the two compare 1:1). latency_ms and
+# baseline_latency_ms are under the study's dense reference when the record was built (`trial_record`): a child
+# logged earlier keeps the figures of its time, the raw medians (*_measured_ms) never change.
 METRIC_KEYS = ("metric_value", "accuracy_drop", "latency_ms", "latency_iqr_ms", "baseline_latency_ms",
-               "baseline_latency_iqr_ms", "speedup", "speedup_iqr", "flops_ratio", "tokens_kept", "num_images",
-               "eval_seconds", "compile_s", "constraint")
+               "baseline_latency_iqr_ms", "latency_measured_ms", "baseline_measured_ms", "speedup", "speedup_iqr",
+               "flops_ratio", "tokens_kept", "num_images", "eval_seconds", "compile_s", "constraint")
 # Trial attrs logged as child-run tags (strings a UI filter can match).
-TAG_KEYS = ("metric", "worker", "fail_reason", "seed_kind", "aborted")
+TAG_KEYS = ("metric", "worker", "fail_reason", "seed_kind", "aborted", NOISY_ATTR)
 TRIAL_TAG = "trial_number"
 MAX_TAG_LENGTH = 5000
 
@@ -23,13 +26,16 @@ class TrackingError(DSMTuneError):
     """The tracking configuration is unusable (a malformed URI, a record without a trial number)."""
 
 
-def trial_record(trial: Any) -> dict[str, Any]:
+def trial_record(trial: Any, reference: DenseReference | None = None) -> dict[str, Any]:
     """The record `log_trial` takes, built from an Optuna FrozenTrial of a dsm-tune study.
 
     Keys: number, state (COMPLETE/FAIL/PRUNED), params (Optuna's), start_ms/end_ms, and every trial user attr
-    at the top level (config, metric, accuracy_drop, latency_ms, ..., worker, fail_reason, seed_kind).
+    at the top level (config, metric, accuracy_drop, latency_ms, ..., worker, fail_reason, seed_kind). With
+    `reference` (the study's current one), the latency figures are recomputed under it as the trials frame does;
+    without, they are as told (under the reference of the trial's tell).
     """
-    record: dict[str, Any] = dict(trial.user_attrs)
+    attrs = reference.figures(trial.user_attrs) if reference is not None else trial.user_attrs
+    record: dict[str, Any] = dict(attrs)
     record.update(number=int(trial.number), state=trial.state.name, params=dict(trial.params),
                   start_ms=_ms(trial.datetime_start), end_ms=_ms(trial.datetime_complete))
     return record

@@ -72,6 +72,10 @@ def closing_figures(best_path: Path, pareto_numbers: list[int], n_trials: int) -
         value = finite_metric(figures.get(key))
         if value is not None:
             metrics[f"best_{key}"] = value
+    # The study's dense reference (best.json's latency_ms is it over best_speedup).
+    reference = finite_metric(figures.get("baseline_latency_ms"))
+    if reference is not None:
+        metrics["dense_reference_ms"] = reference
     trial = (best.get("provenance") or {}).get("trial")
     if trial is not None:
         tags["best_trial"] = str(trial)
