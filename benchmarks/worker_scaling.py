@@ -10,7 +10,7 @@ Two evaluators:
 
 `--oversubscription` adds a measurement of the cause of the 2.8x slowdown seen when CPU workers' accuracy passes
 were allowed to overlap (commit ec790d5, reverted in 59f6581): demo forward passes (the accuracy pass's work, at
-the target's batch size) alone, then two processes side by side, first with every core's worth of torch threads
+the demo's cpu batch size) alone, then two processes side by side, first with every core's worth of torch threads
 each (as each worker sets torch.set_num_threads(os.cpu_count())), then with their fair share. Two passes sharing
 the cores fairly take about 2x as long each; much more than 2x with full threads and about 2x with shared ones
 means thread oversubscription.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import multiprocessing
 import os
 import statistics
@@ -35,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dsm_tune.commands.run import DEFAULT_DEMO_CPU_BATCH, DEFAULT_DEMO_LIMIT
 from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.results import load_study
 from dsm_tune.search.study import StudySpec, run_study
@@ -47,9 +49,11 @@ DEMO = ModelFingerprint("dsm_tune_demo_vit", 6, (16, 16), 1, (32, 32), 64)
 
 
 def measure(workers: int, evaluator: str, cost_s: float, trials: int, limit: int, out: Path) -> dict:
+    real = evaluator == "demo"
+    # Real trials as `dsm-tune run --model demo --device cpu` runs them: its image count and batch size.
     spec = StudySpec(model="demo", target="cpu", trials=trials, workers=workers, out=out, mlflow=False,
                      study=f"scaling-{evaluator}-{workers}", max_accuracy_drop=1.0,
-                     limit=limit if evaluator == "demo" else None)
+                     limit=limit if real else None, batch_size=DEFAULT_DEMO_CPU_BATCH if real else None)
     factory = StandInFactory(DEMO, cost_s=cost_s) if evaluator == "stand-in" else None   # None: the real one
     started = time.perf_counter()
     run_study(spec, evaluator_factory=factory, tracker=NullTracker(), stream=io.StringIO())
@@ -116,11 +120,10 @@ def _forward_passes(threads: int, batches: int, barrier, results) -> None:
     import torch
 
     from dsm_tune.evaluation.models import build_model, input_size
-    from dsm_tune.evaluation.targets import load_target
 
     torch.set_num_threads(threads)
     model = build_model("demo")
-    images = torch.randn(load_target("cpu").batch_size, *input_size(model))
+    images = torch.randn(DEFAULT_DEMO_CPU_BATCH, *input_size(model))
     with torch.inference_mode():
         for _ in range(3):
             model(images)
@@ -155,7 +158,7 @@ def oversubscription(batches: int, rounds: int) -> None:
         for name, (processes, threads) in layouts.items():
             times[name].append(_side_by_side(processes, threads, batches))
     alone, full, shared = (statistics.median(times[name]) for name in ("alone", "full", "shared"))
-    print(f"\naccuracy passes side by side ({batches} demo forwards at the cpu batch size, {cores} cores, "
+    print(f"\naccuracy passes side by side ({batches} demo forwards at batch {DEFAULT_DEMO_CPU_BATCH}, {cores} cores, "
           f"median of {rounds} rounds); sharing the cores fairly, each pass takes about 2.00x its time alone")
     print(f"  two passes, {cores} torch threads each ({2 * cores} threads): each pass takes {full / alone:.2f}x "
           f"its time alone; both together {2 * alone / full:.2f}x the throughput of one")
@@ -170,19 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4],
                         help="worker counts to compare (none: only --oversubscription)")
     parser.add_argument("--cost", type=float, default=2.0, help="seconds per trial of the stand-in evaluator")
-    parser.add_argument("--limit", type=int, default=400, help="images per demo trial (default: the CLI's 400)")
+    parser.add_argument("--limit", type=int, default=DEFAULT_DEMO_LIMIT,
+                        help=f"images per demo trial (default: the CLI's {DEFAULT_DEMO_LIMIT})")
     parser.add_argument("--trials-per-worker", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None, help="study folder root (default: a temporary folder)")
     parser.add_argument("--oversubscription", action="store_true",
                         help="also time demo accuracy passes alone and two side by side (full vs shared threads)")
-    parser.add_argument("--batches", type=int, default=50,
-                        help="forwards per pass for --oversubscription (400 images at batch 8: 50)")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="forwards per pass for --oversubscription (default: --limit images at the demo's cpu "
+                             f"batch of {DEFAULT_DEMO_CPU_BATCH})")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --oversubscription")
     args = parser.parse_args(argv)
     if args.workers:
         scaling(args)
     if args.oversubscription:
-        oversubscription(args.batches, args.rounds)
+        oversubscription(args.batches or math.ceil(args.limit / DEFAULT_DEMO_CPU_BATCH), args.rounds)
     return 0
 
 
