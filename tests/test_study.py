@@ -308,13 +308,14 @@ def test_dsm_tune_run_on_the_demo_model_writes_a_best_config_that_applies(tmp_pa
 def test_latency_objective_cancels_drift_between_trials():
     """Two trials timed while the machine drifted (raw medians 80 ms and 40 ms) but with the same interleaved
     speedup must get the same latency objective: the study's dense reference over the speedup."""
-    from dsm_tune.search.study.tell import objective_latency
+    from dsm_tune.search.reference import DenseReference
 
-    assert objective_latency({"latency_ms": 80.0, "speedup": 2.0}, 50.0) == 25.0
-    assert objective_latency({"latency_ms": 40.0, "speedup": 2.0}, 50.0) == 25.0
+    reference = DenseReference.of([50.0])
+    assert reference.figures({"latency_ms": 80.0, "speedup": 2.0})["latency_ms"] == 25.0
+    assert reference.figures({"latency_ms": 40.0, "speedup": 2.0})["latency_ms"] == 25.0
     # Without a speedup (or a reference) the raw measurement is all there is.
-    assert objective_latency({"latency_ms": 80.0, "speedup": None}, 50.0) == 80.0
-    assert objective_latency({"latency_ms": 80.0, "speedup": 2.0}, None) == 80.0
+    assert reference.figures({"latency_ms": 80.0, "speedup": None})["latency_ms"] == 80.0
+    assert DenseReference.of([]).figures({"latency_ms": 80.0, "speedup": 2.0})["latency_ms"] == 80.0
 
 
 class OneAtATimeProposer:
