@@ -384,7 +384,9 @@ class TracedSpace:
 
     def seed_shapes(self) -> list[tuple[str, Shape]]:
         """Known shapes to trace first: ToMe's constant count from block 0, the DSM paper's delay with one local
-        level, and a delayed front-loaded global schedule (merge most where tokens are many)."""
+        level, and a delayed global schedule that merges more in the later blocks (on the real ViT-S, merging
+        later cost less accuracy per token than front-loading: issue 8's hand-picked configs and
+        benchmarks/real_front.py)."""
         blocks = self.fingerprint.num_blocks
         clip = lambda value, bounds: min(max(value, bounds[0]), bounds[1])
         prop = True if True in self.proportional_attention else self.proportional_attention[0]
@@ -395,8 +397,8 @@ class TracedSpace:
             ("paper", Shape(delay, clip(1, self.hierarchy_depth), clip(max(1, (blocks - delay) // 3),
                                                                         self.local_blocks),
                             clip(0.0, self.front_loading), prop)),
-            ("front", Shape(clip(1, self.start_layer), clip(0, self.hierarchy_depth), self.local_blocks[0],
-                            clip(1.0, self.front_loading), prop)),
+            ("late", Shape(clip(1, self.start_layer), clip(0, self.hierarchy_depth), self.local_blocks[0],
+                           clip(-0.5, self.front_loading), prop)),
         ]
         unique: dict[str, tuple[str, Shape]] = {}
         for kind, shape in candidates:

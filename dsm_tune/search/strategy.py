@@ -58,7 +58,7 @@ DENSE_KIND = "dense"
 @dataclass
 class _ShapeRun:
     shape: Shape
-    kind: str | None                  # seed kind (tome / paper / front), mutation, or None (sampled)
+    kind: str | None                  # seed kind (tome / paper / late), mutation, or None (sampled)
     tracer: BudgetTracer
     sampler_trial: optuna.Trial
     finished: bool = False
