@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 
 from dsm_tune.merging import DSMConfig
 from dsm_tune.search.plots import write_pareto_plots
+from dsm_tune.search.reference import study_reference
 from dsm_tune.search.results import load_study, pareto_numbers, trials_frame, write_trials_csv
 from dsm_tune.search.select import Rule, freeze_trial, pick_winner
 from dsm_tune.search.tracking import (METRIC_KEYS, PARENT_ATTR, PENDING_NAME, MlflowTracker, NullTracker,
@@ -35,7 +36,8 @@ def _finish_like_the_driver(tracker, study, study_dir):
     freeze_trial(study, pick_winner(df, Rule(), 1.0)).to_json(study_dir / "best.json")
     (study_dir / "space.yaml").write_text("start_layer: [0, 3]\n")
     tracker.refresh_artifacts(study_dir)
-    tracker.end_study(pareto_numbers(df), [trial_record(t) for t in study.trials])
+    reference = study_reference(study)   # as the driver's end_tracking: the figures of trials.csv
+    tracker.end_study(pareto_numbers(df), [trial_record(t, reference) for t in study.trials])
     return df
 
 
@@ -57,8 +59,9 @@ def logged(tmp_path_factory, store_template):
     tracker = MlflowTracker(out=out)
     assert tracker.uri == uri  # the default store is <out>/mlflow.db
     parent_id = tracker.start_study(study_dir, study.user_attrs, resumed=False)
+    reference = study_reference(study)
     for trial in study.trials:
-        tracker.log_trial(trial_record(trial))
+        tracker.log_trial(trial_record(trial, reference))
     df = _finish_like_the_driver(tracker, study, study_dir)
     return {"out": out, "uri": uri, "study": study, "dir": study_dir, "df": df, "parent_id": parent_id}
 
@@ -125,6 +128,7 @@ def test_parent_run_tags_artifacts_and_study_attr(logged):
     assert tags["pareto_trials"] == ",".join(str(n) for n in sorted(pareto_numbers(logged["df"])))
     best = json.loads((logged["dir"] / "best.json").read_text())
     assert parent.data.metrics["best_speedup"] == best["metrics"]["speedup"]
+    assert parent.data.metrics["dense_reference_ms"] == best["metrics"]["baseline_latency_ms"] == 10.0
     assert tags["best_trial"] == str(best["provenance"]["trial"])
     names = {a.path for a in client.list_artifacts(logged["parent_id"])}
     assert {"pareto.html", "pareto.png", "trials.csv", "best.json", "space.yaml"} <= names
