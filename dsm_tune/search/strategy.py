@@ -58,12 +58,13 @@ DENSE_KIND = "dense"
 @dataclass
 class _ShapeRun:
     shape: Shape
-    kind: str | None                  # seed kind (tome / paper / late), mutation, or None (sampled)
+    kind: str | None                  # seed kind (tome / paper / late), None for a sampled or mutated shape
     tracer: BudgetTracer
     sampler_trial: optuna.Trial
     finished: bool = False
     scored: bool = False              # told to the shape sampler
     filled: bool = False              # given the FILL_TARGETS
+    origin: str = "sampled"           # seed | sampled | mutation | replayed (rebuilt on resume): for the user
 
 
 def _make_shape_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -98,7 +99,7 @@ class TracedProposer:
         """A finished trial of the study (told now, or replayed on resume); says so when it completes a shape."""
         params = trial.params
         if BUDGET_PARAM not in params:
-            return
+            return None
         attrs = trial.user_attrs
         if attrs.get("seed_kind") == DENSE_KIND:
             self.dense_seen = True
@@ -125,7 +126,8 @@ class TracedProposer:
                 self.timed_front.append((float(drop), float(speedup)))
         if attrs.get("seed_kind") == DENSE_KIND:
             return None
-        run = self.runs.get(shape.key()) or self._open(shape, attrs.get("seed_kind"))
+        kind = attrs.get("seed_kind")
+        run = self.runs.get(shape.key()) or self._open(shape, kind, "seed" if kind else "replayed")
         drop = attrs.get("accuracy_drop")
         run.tracer.tell(budget, float(drop) if isinstance(drop, (int, float)) else None,
                         float(speedup) if timed else None)
@@ -137,11 +139,11 @@ class TracedProposer:
             return self._replay_waiting(study)
         if not self.dense_seen:
             self.dense_seen = True
-            return self._ask(study, self.space.seed_shapes()[0][1], 0.0, DENSE_KIND, run=None)
+            return self._ask(study, self.space.seed_shapes()[0][1], 0.0, DENSE_KIND)
         for run in self._active():
             budget = run.tracer.propose()
             if budget is not None:
-                return self._ask(study, run.shape, budget, run.kind, run)
+                return self._ask(study, run.shape, budget, run.kind)
         if len(self._active()) >= self.workers + 1:
             return None   # every open shape waits for a result; more open shapes would only guess blindly
         incumbent = self._incumbent()
@@ -153,42 +155,37 @@ class TracedProposer:
             incumbent.tracer.lower_targets = incumbent.tracer.lower_targets + FILL_TARGETS
             budget = incumbent.tracer.propose()
             if budget is not None:
-                return self._ask(study, incumbent.shape, budget, incumbent.kind, incumbent)
+                return self._ask(study, incumbent.shape, budget, incumbent.kind)
             incumbent.finished = True
         run = self._open_next()
         if run is None:
             return None
         budget = run.tracer.propose()
-        return self._ask(study, run.shape, budget, run.kind, run) if budget is not None else None
+        return self._ask(study, run.shape, budget, run.kind) if budget is not None else None
 
     def _active(self) -> list[_ShapeRun]:
         return [run for run in self.runs.values() if not run.finished]
 
     def _replay_waiting(self, study: optuna.Study) -> Proposal:
-        trial = study.ask()   # a trial queued again after a failure or an interruption: measure it first
+        # A trial queued again after a failure or an interruption: measured first, with its own parameters.
+        return self._proposal(study.ask())
+
+    def _ask(self, study: optuna.Study, shape: Shape, budget: float, kind: str | None) -> Proposal:
+        attrs: dict[str, Any] = {"seed_kind": kind} if kind else {}
+        study.enqueue_trial(self.space.params_for(shape, round(budget, 4)), user_attrs=attrs)
+        return self._proposal(study.ask())
+
+    def _proposal(self, trial: optuna.Trial) -> Proposal:
+        """Compile an asked trial (its parameters fixed), claim its budget for its shape, predict its speedup."""
         cfg = self.space.suggest(trial)
-        kind = trial.user_attrs.get("seed_kind")
         shape = Shape.from_params(trial.params)
         trial.set_user_attr(SHAPE_ATTR, shape.key())
         run = self.runs.get(shape.key())
-        if run is not None:
-            run.tracer.claim(float(trial.params[BUDGET_PARAM]))
-        return Proposal(trial, cfg, self._options(cfg), kind)
-
-    def _ask(self, study: optuna.Study, shape: Shape, budget: float, kind: str | None,
-             run: _ShapeRun | None) -> Proposal:
-        budget = round(budget, 4)
-        attrs: dict[str, Any] = {SHAPE_ATTR: shape.key()}
-        if kind:
-            attrs["seed_kind"] = kind
-        study.enqueue_trial(self.space.params_for(shape, budget), user_attrs=attrs)
-        trial = study.ask()
-        cfg = self.space.suggest(trial)
-        if run is not None:
+        if run is not None and trial.user_attrs.get("seed_kind") != DENSE_KIND:   # dense is no shape's point
             run.tracer.claim(float(trial.params[BUDGET_PARAM]))
         options = self._options(cfg)
         trial.set_user_attr(SPEEDUP_PREDICTED_ATTR, round(options["timing"]["predicted_speedup"], 4))
-        return Proposal(trial, cfg, options, kind)
+        return Proposal(trial, cfg, options, trial.user_attrs.get("seed_kind"))
 
     def _options(self, cfg: DSMConfig) -> dict[str, Any]:
         prediction = self.latency.predict(cfg)
@@ -202,21 +199,22 @@ class TracedProposer:
                            "predicted_speedup": prediction.speedup, "margin": margin}}
 
     # shapes ------------------------------------------------------------------------------------------------
-    def _open(self, shape: Shape, kind: str | None) -> _ShapeRun:
+    def _open(self, shape: Shape, kind: str | None, origin: str) -> _ShapeRun:
         self.shape_study.enqueue_trial(self._sampler_params(shape))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # a fixed parameter outside the sampler's range is fine here
             sampler_trial = self.shape_study.ask()
             self.space.suggest_shape(sampler_trial)
-        return self._register(shape, kind, sampler_trial)
+        return self._register(shape, kind, sampler_trial, origin)
 
-    def _register(self, shape: Shape, kind: str | None, sampler_trial: optuna.Trial) -> _ShapeRun:
+    def _register(self, shape: Shape, kind: str | None, sampler_trial: optuna.Trial,
+                  origin: str = "sampled") -> _ShapeRun:
         resolution = self.space.budget_resolution
         tracer = BudgetTracer(limit=self.max_drop, low=self.space.budget[0], high=self.space.budget[1],
                               start=self._first_budget(), resolution=resolution,
                               max_evals=self.space.max_evals_per_shape, prior_slope=self._prior_slope(),
                               same_plan=lambda a, b, s=shape: self._same_plan(s, a, b))
-        run = self.runs[shape.key()] = _ShapeRun(shape, kind, tracer, sampler_trial)
+        run = self.runs[shape.key()] = _ShapeRun(shape, kind, tracer, sampler_trial, origin=origin)
         return run
 
     def _sampler_params(self, shape: Shape) -> dict[str, Any]:
@@ -229,15 +227,15 @@ class TracedProposer:
         while self.seed_queue:
             kind, shape = self.seed_queue.pop(0)
             if shape.key() not in self.runs:
-                return self._open(shape, kind)
+                return self._open(shape, kind, "seed")
         for _ in range(20):
             self.sampled_shapes += 1
             mutate = self.sampled_shapes % 2 == 0 and self._incumbent() is not None
             if mutate:
-                shape, kind = self._mutate(self._incumbent().shape), "mutation"
+                shape = self._mutate(self._incumbent().shape)
                 if shape.key() in self.runs:
                     continue
-                return self._open(shape, kind)
+                return self._open(shape, None, "mutation")
             sampler_trial = self.shape_study.ask()
             shape = self.space.suggest_shape(sampler_trial)
             if shape.key() in self.runs:
@@ -281,7 +279,7 @@ class TracedProposer:
         best = run.tracer.best_feasible()
         found = (f"best {self._predicted(run.shape, best):.2f}x (predicted) at drop {best.drop:.3f}, budget "
                  f"{best.budget:.2f}" if best else "nothing within the limit")
-        label = f"{run.kind} shape" if run.kind else "shape"
+        label = f"{run.kind} seed shape" if run.kind else f"{run.origin} shape"
         return f"{label} traced in {len(run.tracer.points)} trials ({run.shape.describe()}): {found}"
 
     def _score(self, run: _ShapeRun) -> float:
