@@ -309,3 +309,22 @@ def test_full_scoring_only_when_the_config_could_enter_the_front():
     options = proposer._options(cfg)
     assert options["screen_drop"] == 0.3
     assert options["timing"]["front"] == proposer.timed_front
+
+
+def test_a_requeued_dense_trial_is_measured_again_without_blocking_any_shape():
+    from dsm_tune.search.study.tell import QUEUED_AGAIN_ATTR, enqueue_again
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = traced_space()
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    first = TracedProposer(space, max_drop=1.0)
+    dense = first.propose(study)
+    assert dense.seed_kind == "dense"
+    dense.trial.set_user_attr(QUEUED_AGAIN_ATTR, True)          # what the driver does when Ctrl-C hits it
+    study.tell(dense.trial, state=TrialState.FAIL)
+    enqueue_again(study, dict(dense.trial.params), dense.trial.number, "dense")
+    _run(study, first, 4)                                         # the requeued dense first, then the ToMe shape
+    numbers = [t.number for t in study.trials if t.user_attrs.get("requeued_from") == dense.trial.number]
+    assert len(numbers) == 1 and study.trials[numbers[0]].state == TrialState.COMPLETE
+    tome = [t for t in study.trials if t.user_attrs.get("seed_kind") == "tome"]
+    assert len(tome) == 3 and len({t.params["budget"] for t in tome}) == 3
