@@ -107,7 +107,7 @@ def test_export_refusals_for_bad_rules_and_trials(study_out, tmp_path, capsys):
 LIMIT = 64  # images: enough for a non-trivial drop, cheap on a busy 2-core CI machine
 @pytest.fixture(scope="module")
 def measured_export(tmp_path_factory):
-    """A study whose trials are real measurements of the demo model on this CPU, exported by the default rule."""
+    """A study whose one trial is a real measurement of the demo model on this CPU, exported."""
     from dsm_tune.evaluation.trial import TrialEvaluator
     from dsm_tune.merging import ModelFingerprint
 
@@ -122,8 +122,8 @@ def measured_export(tmp_path_factory):
     add_measured(study, cfg, figures["accuracy_drop"], figures["latency_ms"], max_drop=5.0, figures=figures)
     assert ModelFingerprint.from_dict(fingerprint).name == "dsm_tune_demo_vit"
     path = out / "demo-dsm.json"
-    assert cli_main(["export", "--study", "exp", "--out", str(out), "--max-accuracy-drop", "100",
-                     "-o", str(path)]) == 0
+    # By number: 3 samples on a loaded box may well be flagged speedup_noisy, which the rules do not pick.
+    assert cli_main(["export", "--study", "exp", "--out", str(out), "--trial", "0", "-o", str(path)]) == 0
     return path
 
 
