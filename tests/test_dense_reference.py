@@ -243,3 +243,23 @@ def test_mlflow_records_best_json_and_verify_agree(drifting_study):
     recorded = recorded_figures(best, best_path)
     assert recorded["latency_ms"] == metrics["latency_ms"] and recorded["baseline_latency_ms"] == 10.0
     assert recorded["speedup"] == pytest.approx(recorded["baseline_latency_ms"] / recorded["latency_ms"], rel=1e-6)
+
+
+def test_rules_and_the_front_leave_noisy_speedups_out(tmp_path):
+    from dsm_tune.search.results import pareto_numbers, trials_frame
+    from dsm_tune.search.select import NoWinnerError, Rule, pick_winner
+
+    from .synthetic_study import add_measured, create_study, make_config
+
+    study, _ = create_study(tmp_path, "noisy")
+    add_measured(study, make_config(0, 0, [0.0]), 0.0, 10.0, seed_kind="dense")
+    quiet = add_measured(study, make_config(1, 0, [0.2]), 0.5, 7.0).number
+    lucky = add_measured(study, make_config(2, 0, [0.1]), 0.4, 5.0, figures={"speedup_noisy": True}).number
+    frame = trials_frame(study)
+    assert lucky not in pareto_numbers(frame) and quiet in pareto_numbers(frame, 1.0)
+    assert pick_winner(frame, Rule(), 1.0) == quiet
+    assert pick_winner(frame, Rule(min_speedup=1.4), 1.0) == quiet
+    assert pick_winner(frame, Rule(trial=lucky), 1.0) == lucky
+    with pytest.raises(NoWinnerError, match=r"no trial has an accuracy drop <= 0.45 .*1 measured trial\(s\) with a "
+                                            r"noisy speedup left out \(pick one with --trial N\)"):
+        pick_winner(frame, Rule(max_accuracy_drop=0.45), 1.0)

@@ -132,10 +132,10 @@ def pick_winner(df: pd.DataFrame, rule: Rule, study_max_drop: float | None) -> i
     measured = measured_trials(df)
     noisy = int(measured["noisy"].sum())
     measured = measured[~measured["noisy"]]
+    left_out = (f"; {noisy} measured trial(s) with a noisy speedup left out (pick one with --trial N)"
+                if noisy else "")
     if measured.empty:
-        raise NoWinnerError(f"no trial to choose from: {_state_summary(df)}"
-                            + (f"; {noisy} measured trial(s) have a noisy speedup (pick one with --trial N)"
-                               if noisy else ""))
+        raise NoWinnerError(f"no trial to choose from: {_state_summary(df)}{left_out}")
 
     limit = rule.max_accuracy_drop
     if limit is None and rule.min_speedup is None:
@@ -150,7 +150,7 @@ def pick_winner(df: pd.DataFrame, rule: Rule, study_max_drop: float | None) -> i
             closest = measured.sort_values(["accuracy_drop", "latency_ms", "number"]).iloc[0]
             raise NoWinnerError(
                 f"no trial has an accuracy drop <= {limit:g} ({len(measured)} measured); closest: "
-                f"trial {int(closest['number'])} ({_figures(closest)})", int(closest["number"]))
+                f"trial {int(closest['number'])} ({_figures(closest)}){left_out}", int(closest["number"]))
         best = within_drop.sort_values(["latency_ms", "accuracy_drop", "number"]).iloc[0]
         return int(best["number"])
 
@@ -161,7 +161,8 @@ def pick_winner(df: pd.DataFrame, rule: Rule, study_max_drop: float | None) -> i
         condition = f"a speedup >= {rule.min_speedup:g}x" + (
             f" with accuracy drop <= {limit:g}" if limit is not None else "")
         raise NoWinnerError(f"no trial reaches {condition} ({len(measured)} measured); closest: "
-                            f"trial {int(closest['number'])} ({_figures(closest)})", int(closest["number"]))
+                            f"trial {int(closest['number'])} ({_figures(closest)}){left_out}",
+                            int(closest["number"]))
     best = fast_enough.sort_values(["accuracy_drop", "latency_ms", "number"]).iloc[0]
     return int(best["number"])
 
