@@ -260,6 +260,7 @@ def test_rules_and_the_front_leave_noisy_speedups_out(tmp_path):
     assert pick_winner(frame, Rule(), 1.0) == quiet
     assert pick_winner(frame, Rule(min_speedup=1.4), 1.0) == quiet
     assert pick_winner(frame, Rule(trial=lucky), 1.0) == lucky
-    with pytest.raises(NoWinnerError, match=r"no trial has an accuracy drop <= 0.45 .*1 measured trial\(s\) with a "
+    # Only the noisy trial reaches 1.6x: no winner, and the message says what was left out.
+    with pytest.raises(NoWinnerError, match=r"no trial reaches a speedup >= 1.6x .*1 measured trial\(s\) with a "
                                             r"noisy speedup left out \(pick one with --trial N\)"):
-        pick_winner(frame, Rule(max_accuracy_drop=0.45), 1.0)
+        pick_winner(frame, Rule(min_speedup=1.6), 1.0)
