@@ -17,8 +17,13 @@ def test_demo_study_for_ort_cpu_exports_and_verifies_under_onnxruntime(tmp_path,
     output = capsys.readouterr().out
     assert code == 0, output
     study_dir = tmp_path / "demo-ort-cpu"
-    best = load_config(study_dir / "best.json")
-    assert best.target["profile"] == "ort-cpu" and best.target["runtime"] == "onnxruntime"
+    # best.json needs a trial with a quiet speedup within the limit; on a loaded box every ORT timing may be
+    # flagged speedup_noisy, and then the run says why there is none.
+    quiet = [t for t in load_study(study_dir).trials if t.state.name == "COMPLETE"
+             and t.user_attrs["accuracy_drop"] <= 1.0 and not t.user_attrs.get("speedup_noisy")]
+    assert (study_dir / "best.json").exists() == bool(quiet), output
+    if not quiet:
+        assert "no best.json" in output and "noisy speedup" in output
 
     # The trial that merges most, so the graph checked under ORT really merges (the best may be the dense seed).
     timed = [t for t in load_study(study_dir).trials if t.user_attrs.get("speedup") is not None]
@@ -30,6 +35,8 @@ def test_demo_study_for_ort_cpu_exports_and_verifies_under_onnxruntime(tmp_path,
                  "-o", str(json_path), "--onnx", str(onnx_path)])
     assert code == 0, capsys.readouterr().out
     assert read_onnx_config(onnx_path) == load_config(json_path)
+    exported = load_config(json_path)
+    assert exported.target["profile"] == "ort-cpu" and exported.target["runtime"] == "onnxruntime"
 
     # Latency on a shared 2-core machine is not reproducible; the accuracy drop and the graph's outputs are.
     code = main(["verify", str(json_path), "--warmup", "1", "--repeats", "3", "--speedup-tolerance", "0.95",
