@@ -264,3 +264,20 @@ def test_rules_and_the_front_leave_noisy_speedups_out(tmp_path):
     with pytest.raises(NoWinnerError, match=r"no trial reaches a speedup >= 1.6x .*1 measured trial\(s\) with a "
                                             r"noisy speedup left out \(pick one with --trial N\)"):
         pick_winner(frame, Rule(min_speedup=1.6), 1.0)
+
+
+def test_progress_line_counts_quiet_points_by_speedup_under_the_current_reference():
+    import io
+
+    from dsm_tune.search.progress import Progress
+
+    progress = Progress(total=4, max_drop=1.0, stream=io.StringIO(), live=False)
+    progress.reference_ms = 100.0                      # a first timing under load
+    progress.record("COMPLETE", 0.0, 100.0, 1.0, number=0)
+    progress.reference_ms = 10.0                       # the median once more trials came in
+    progress.record("COMPLETE", 0.5, 5.0, 2.0, number=1)
+    progress.record("COMPLETE", 0.2, 2.0, 5.0, number=2, noisy=True)   # would dominate both if it counted
+    progress.record("COMPLETE", 3.0, 2.5, 4.0, number=3)               # over the limit
+    line = progress.render()
+    assert progress.feasible == 3 and progress.pareto_size == 2
+    assert "best speedup @drop<=1: 2.00x (5 ms)" in line and "dense 10 ms" in line
