@@ -86,9 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="traced: the default space and sampler; sampled-tpe: the sampled space (per-stage "
                              "ratios) with TPE, the default before issue 8; random: random search of that space")
-    parser.add_argument("--batch-size", type=int, default=64, help="the demo's cpu batch (as `dsm-tune run`)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="timing batch (default: the demo's cpu batch of `dsm-tune run`)")
     parser.add_argument("--out", type=Path, default=None, help="study folder root (default: temporary)")
     args = parser.parse_args(argv)
+    if args.batch_size is None:
+        from dsm_tune.commands.run import DEFAULT_DEMO_CPU_BATCH
+
+        args.batch_size = DEFAULT_DEMO_CPU_BATCH
 
     started_ray = start_ray(None)
     results: dict[str, list[float]] = {}
