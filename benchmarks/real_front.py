@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=128, help="ImageNet images (stratified)")
     parser.add_argument("--max-drop", type=float, default=1.0, help="accuracy-drop limit, in points")
     parser.add_argument("--sweep", type=int, nargs="+", default=list(range(2, 21, 2)), help="ToMe r values")
-    parser.add_argument("--skip-random", action="store_true")
+    parser.add_argument("--random-seeds", type=int, nargs="*", default=None,
+                        help="seeds of the random search (default: --seeds; none to skip it)")
     parser.add_argument("--out", type=Path, default=None, help="study folder root (default: temporary)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
@@ -136,15 +137,19 @@ def main(argv: list[str] | None = None) -> int:
         ev = evaluator(args, out / "cache")
         sweep, seconds, trials = run_sweep(ev, args)
         rows.append(summarize("tome-sweep", sweep, seconds, trials, None, args))
+        print(f"  {rows[0]}", flush=True)
         per_method: dict[str, list[dict]] = {"tuned": [], "random": []}
+        random_seeds = args.seeds if args.random_seeds is None else args.random_seeds
         for seed in args.seeds:
             print(f"tuned seed {seed} ...", flush=True)
             points, seconds, trials = run_tuned(seed, args, out)
             per_method["tuned"].append(summarize(f"tuned seed {seed}", points, seconds, trials, sweep, args))
-            if not args.skip_random:
+            print(f"  {per_method['tuned'][-1]}", flush=True)
+            if seed in random_seeds:
                 print(f"random seed {seed} ...", flush=True)
                 points, seconds, trials = run_random(ev, seed, args)
                 per_method["random"].append(summarize(f"random seed {seed}", points, seconds, trials, sweep, args))
+                print(f"  {per_method['random'][-1]}", flush=True)
         for method_rows in per_method.values():
             rows += method_rows
 
