@@ -46,9 +46,6 @@ SHAPE_ATTR = "shape"                 # trial user attr: the shape's key
 SPEEDUP_PREDICTED_ATTR = "speedup_predicted"
 # Score a shape by its best speedup within each of these shares of the limit: rewards the whole front.
 SCORE_TARGETS = (1.0, 0.5, 0.25)
-# The best seed shape also gets points at these small shares of the limit, so the front reaches down to the
-# near-lossless end (where a sweep's smallest r values sit), traced on the shape that is best, not on every one.
-FILL_TARGETS = (0.1, 0.03)
 # Before any feasible point, a shape's first budget is this share of the space's upper bound.
 FIRST_BUDGET_SHARE = 0.5
 MIN_TIMING_MARGIN = 0.05
@@ -62,8 +59,6 @@ class _ShapeRun:
     tracer: BudgetTracer
     sampler_trial: optuna.Trial
     finished: bool = False
-    scored: bool = False              # told to the shape sampler
-    filled: bool = False              # given the FILL_TARGETS
     origin: str = "sampled"           # seed | sampled | mutation | replayed (rebuilt on resume): for the user
 
 
@@ -146,17 +141,6 @@ class TracedProposer:
                 return self._ask(study, run.shape, budget, run.kind)
         if len(self._active()) >= self.workers + 1:
             return None   # every open shape waits for a result; more open shapes would only guess blindly
-        incumbent = self._incumbent()
-        seeds_traced = not self.seed_queue and not self._active()
-        if seeds_traced and incumbent is not None and not any(run.filled for run in self.runs.values()):
-            # Once per study, after the seed shapes: a fill costs a few trials, repeating it on every new
-            # incumbent would cost more than the low-drop end is worth.
-            incumbent.filled, incumbent.finished = True, False
-            incumbent.tracer.lower_targets = incumbent.tracer.lower_targets + FILL_TARGETS
-            budget = incumbent.tracer.propose()
-            if budget is not None:
-                return self._ask(study, incumbent.shape, budget, incumbent.kind)
-            incumbent.finished = True
         run = self._open_next()
         if run is None:
             return None
@@ -273,9 +257,7 @@ class TracedProposer:
         if run.finished or not run.tracer.done():
             return None
         run.finished = True
-        if not run.scored:
-            run.scored = True
-            self.shape_study.tell(run.sampler_trial, self._score(run))
+        self.shape_study.tell(run.sampler_trial, self._score(run))
         best = run.tracer.best_feasible()
         found = (f"best {self._predicted(run.shape, best):.2f}x (predicted) at drop {best.drop:.3f}, budget "
                  f"{best.budget:.2f}" if best else "nothing within the limit")

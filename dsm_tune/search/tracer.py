@@ -50,7 +50,7 @@ class BudgetTracer:
     same_plan: Callable[[float, float], bool] | None = None   # do two budgets compile to the same plan?
     # d log(drop) / d budget seen on other shapes: lets the second point land near the limit, not a blind step.
     prior_slope: float | None = None
-    # Shares of the limit that get one point each once the limit is bracketed (more can be added later).
+    # Shares of the limit that get one point each once the limit is bracketed.
     lower_targets: tuple[float, ...] = LOWER_TARGETS
 
     def tell(self, budget: float, drop: float | None, speedup: float | None = None) -> None:
