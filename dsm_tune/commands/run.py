@@ -33,7 +33,8 @@ PROBE_HERE = ""
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "run", help="tune DSM for a model on a target (an Optuna study over Ray workers), or resume a study",
-        description="Search DSM settings (delay, hierarchy depth, stages, ratios) that minimise the accuracy drop "
+        description="Search DSM settings (a shape: delay, hierarchy depth, spread over blocks; and a budget of "
+                    "tokens merged away) that minimise the accuracy drop "
                     "and the measured latency of MODEL on DEVICE. The study lives in OUT/STUDY/ and resumes "
                     "when run again with the same --study (only --study is needed then).")
     add_model_args(parser, required=False)

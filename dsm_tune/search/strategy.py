@@ -36,7 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dsm_tune.merging import DSMConfig
 from dsm_tune.search.costmodel import LatencyModel
-from dsm_tune.search.shapes import BUDGET_PARAM, SHAPE_PARAMS, Shape
+from dsm_tune.search.shapes import BUDGET_PARAM, Shape
 from dsm_tune.search.space import TracedSpace, plan_key
 from dsm_tune.search.study.proposer import Proposal
 from dsm_tune.search.study.tell import QUEUED_AGAIN_ATTR
@@ -298,4 +298,4 @@ class TracedProposer:
                 "latency_model_points": len(self.latency.points)}
 
 
-__all__ = ["TracedProposer", "SHAPE_ATTR", "SPEEDUP_PREDICTED_ATTR", "SHAPE_PARAMS"]
+__all__ = ["TracedProposer", "SHAPE_ATTR", "SPEEDUP_PREDICTED_ATTR"]
