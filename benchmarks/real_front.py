@@ -4,6 +4,8 @@ The real pretrained ViT-S/14 of ../shared/assets, the `feature` metric (100 * (1
 real ImageNet images, CPU, batch 8, one worker. Compared in one run:
 - tuned: `dsm-tune run` with the default (traced) space and sampler, N trials, per seed;
 - sweep: ToMe's constant r (start 0, depth 0, proportional attention) at r = 2, 4, ... 20, every config measured;
+- sampled-tpe (with --sampled-tpe-seeds): `dsm-tune run` on the sampled space (per-stage ratios) with the default
+  sampler, the default before issue 8;
 - random: N random configs of the sampled space (`search_spaces/sampled/vit_small.yaml`, per-stage ratios), per
   seed, scored with the same accuracy screen and timed only when within the limit (the tuner's cheap machinery,
   so only the choice of configs differs).
@@ -40,6 +42,7 @@ ASSETS = REPO.parent / "shared" / "assets"
 WEIGHTS = ASSETS / "vit_small_patch14_dinov2.imgfocus_224.safetensors"
 IMAGES = ASSETS / "imagenet-sample"
 MODEL = "vit_small_patch14_dinov2"
+SAMPLED_SPACE = REPO / "search_spaces" / "sampled" / "vit_small.yaml"
 DROPS = (0.25, 0.5, 1.0)
 
 
@@ -70,7 +73,7 @@ def run_sweep(ev, args: argparse.Namespace) -> tuple[list, float, int]:
 def run_random(ev, seed: int, args: argparse.Namespace) -> tuple[list, float, int]:
     from dsm_tune.search.space import load_space
 
-    space = load_space(REPO / "search_spaces" / "sampled" / "vit_small.yaml", MODEL, ev.fingerprint)
+    space = load_space(SAMPLED_SPACE, MODEL, ev.fingerprint)
     study = optuna.create_study(directions=["minimize", "minimize"],
                                 sampler=optuna.samplers.RandomSampler(seed=seed))
     points, started = [], time.perf_counter()
@@ -90,17 +93,19 @@ def run_random(ev, seed: int, args: argparse.Namespace) -> tuple[list, float, in
     return points, time.perf_counter() - started, args.trials
 
 
-def run_tuned(seed: int, args: argparse.Namespace, out: Path) -> tuple[list, float, int]:
+def run_tuned(seed: int, args: argparse.Namespace, out: Path, space: Path | None = None,
+              name: str = "tuned") -> tuple[list, float, int]:
     from dsm_tune.search.study import StudySpec, run_study
 
     spec = StudySpec(model=MODEL, target="cpu", checkpoint=str(WEIGHTS), data=str(IMAGES), metric="feature",
                      limit=args.limit, trials=args.trials, workers=1, out=out, mlflow=False, seed=seed,
-                     max_accuracy_drop=args.max_drop, study=f"tuned-seed{seed}")
+                     max_accuracy_drop=args.max_drop, study=f"{name}-seed{seed}",
+                     space=str(space) if space else None)
     started = time.perf_counter()
     log = io.StringIO()
     run_study(spec, stream=log)
     seconds = time.perf_counter() - started
-    (out / f"tuned-seed{seed}.log").write_text(log.getvalue())
+    (out / f"{name}-seed{seed}.log").write_text(log.getvalue())
     return study_points(spec.study_dir), seconds, args.trials
 
 
@@ -117,12 +122,14 @@ def summarize(name: str, points: list, seconds: float, trials: int, sweep: list,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=30, help="trials per tuned / random study")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="seeds of the tuned study")
     parser.add_argument("--limit", type=int, default=128, help="ImageNet images (stratified)")
     parser.add_argument("--max-drop", type=float, default=1.0, help="accuracy-drop limit, in points")
     parser.add_argument("--sweep", type=int, nargs="+", default=list(range(2, 21, 2)), help="ToMe r values")
     parser.add_argument("--random-seeds", type=int, nargs="*", default=None,
                         help="seeds of the random search (default: --seeds; none to skip it)")
+    parser.add_argument("--sampled-tpe-seeds", type=int, nargs="*", default=[],
+                        help="seeds of a study on the sampled space with the default sampler (default: none)")
     parser.add_argument("--out", type=Path, default=None, help="study folder root (default: temporary)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep, seconds, trials = run_sweep(ev, args)
         rows.append(summarize("tome-sweep", sweep, seconds, trials, None, args))
         print(f"  {rows[0]}", flush=True)
-        per_method: dict[str, list[dict]] = {"tuned": [], "random": []}
+        per_method: dict[str, list[dict]] = {"tuned": [], "sampled-tpe": [], "random": []}
         random_seeds = args.seeds if args.random_seeds is None else args.random_seeds
         for seed in args.seeds:
             print(f"tuned seed {seed} ...", flush=True)
@@ -150,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
                 points, seconds, trials = run_random(ev, seed, args)
                 per_method["random"].append(summarize(f"random seed {seed}", points, seconds, trials, sweep, args))
                 print(f"  {per_method['random'][-1]}", flush=True)
+        for seed in args.sampled_tpe_seeds:
+            print(f"sampled-tpe seed {seed} ...", flush=True)
+            points, seconds, trials = run_tuned(seed, args, out, SAMPLED_SPACE, "sampled-tpe")
+            per_method["sampled-tpe"].append(summarize(f"sampled-tpe seed {seed}", points, seconds, trials, sweep,
+                                                       args))
+            print(f"  {per_method['sampled-tpe'][-1]}", flush=True)
         for method_rows in per_method.values():
             rows += method_rows
 
