@@ -20,6 +20,7 @@ from typing import Callable
 DROP_FLOOR = 1e-3
 # A bracket end within this share of the limit is close enough: the next bisection step would gain little.
 CLOSE_ENOUGH = 0.85
+# Shares of the limit that get one point each once the limit is bracketed.
 LOWER_TARGETS = (0.5, 0.25)
 # A lower target is met by any point between this share of it and the target itself.
 LOWER_TOLERANCE = 0.6
@@ -50,8 +51,6 @@ class BudgetTracer:
     same_plan: Callable[[float, float], bool] | None = None   # do two budgets compile to the same plan?
     # d log(drop) / d budget seen on other shapes: lets the second point land near the limit, not a blind step.
     prior_slope: float | None = None
-    # Shares of the limit that get one point each once the limit is bracketed.
-    lower_targets: tuple[float, ...] = LOWER_TARGETS
 
     def tell(self, budget: float, drop: float | None, speedup: float | None = None) -> None:
         self.pending.discard(budget)
@@ -92,11 +91,11 @@ class BudgetTracer:
             budget = self._next_for(self.limit)
             if budget is not None:
                 return budget
-        for share in self.lower_targets:
+        for share in LOWER_TARGETS:
             target = share * self.limit
             if any(LOWER_TOLERANCE * target <= p.drop <= target for p in self.points):
                 continue
-            if limit_evals >= self.max_evals + len(self.lower_targets):
+            if limit_evals >= self.max_evals + len(LOWER_TARGETS):
                 return None
             budget = self._next_for(target, lower=True)
             if budget is not None:
