@@ -3,6 +3,7 @@
     dsm-tune run --model demo --device cpu                      # minutes on a laptop
     dsm-tune run --model vit_large --device a100 --workers 8 --ray-address auto --timeout 36000
     dsm-tune run --study vit_large-a100 --trials 400            # resume with a larger budget
+    dsm-tune run --model vit_base --device h200 --no-ray        # one device, no Ray installed
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ PROBE_HERE = ""
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "run", help="tune DSM for a model on a target (an Optuna study over Ray workers), or resume a study",
+        "run", help="tune DSM for a model on a target (an Optuna study over Ray workers, or in-process with "
+                    "--no-ray), or resume a study",
         description="Search DSM settings (a shape: delay, hierarchy depth, spread over blocks; and a budget of "
                     "tokens merged away) that minimise the accuracy drop "
                     "and the measured latency of MODEL on DEVICE. The study lives in OUT/STUDY/ and resumes "
@@ -59,6 +61,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"feasibility limit on the accuracy drop, in points (default {DEFAULT_MAX_DROP})")
     parser.add_argument("--ray-address", default=None,
                         help="address of a running Ray cluster (default: start a private local Ray on 127.0.0.1)")
+    parser.add_argument("--no-ray", dest="no_ray", action="store_true", default=None,
+                        help="evaluate in this process, one trial at a time, without Ray (never imported: for a "
+                             "one-device host that has no Ray); same study, storage, resume, MLflow and outputs; "
+                             "implies --workers 1. A config that crashes the process costs only its trial: queued "
+                             "again once on resume, failed if it crashes the process again. A resume keeps it")
+    parser.add_argument("--ray", dest="no_ray", action="store_false",
+                        help="resume a study run with --no-ray on Ray workers again")
     parser.add_argument("--seed", type=int, default=None, help="sampler seed (default 0)")
     parser.add_argument("--probe", nargs="?", const=PROBE_HERE, default=None, metavar="PROBE_JSON",
                         help="narrow the start layers (and the first stage's merge amount) around the block where "
@@ -75,13 +84,15 @@ def build_spec(args: argparse.Namespace):
 
     out = Path(args.out) if args.out is not None else DEFAULT_OUT
     # A resume may change the budget and infrastructure fields (`StudySpec` marks them); --no-mlflow sets `mlflow`.
-    changes = {name: getattr(args, name) for name in StudySpec.fields_of(BUDGET) if name != "mlflow"}
+    changes = {name: getattr(args, name) for name in StudySpec.fields_of(BUDGET)
+               if name not in ("mlflow", "no_ray", *RAY_FIELDS)}
     if args.no_mlflow:
         changes["mlflow"] = False
     if args.model is None:
         if args.study is None:
             raise StudyError("give --model (and --device) to start a study, or --study NAME to resume one")
         spec = resume_spec(out, args.study, **changes)
+        spec = StudySpec.from_dict({**spec.to_dict(), **_resumed_ray_fields(spec, args)})
         if args.probe is not None:
             _apply_probe(spec, args)
         return spec
@@ -103,10 +114,32 @@ def build_spec(args: argparse.Namespace):
         trials=args.trials if args.trials is not None else DEFAULT_TRIALS, timeout=args.timeout,
         sampler=args.sampler or DEFAULT_SAMPLER, space=str(args.space) if args.space is not None else None,
         seed=args.seed if args.seed is not None else 0, workers=workers, out=out, study=args.study,
-        ray_address=args.ray_address, mlflow_uri=args.mlflow_uri, mlflow=not args.no_mlflow)
+        ray_address=args.ray_address, mlflow_uri=args.mlflow_uri, mlflow=not args.no_mlflow,
+        no_ray=bool(args.no_ray))
     if args.probe is not None:
         _apply_probe(spec, args)
     return spec
+
+
+# Where the workers run: a resume settles them together (`_resumed_ray_fields`).
+RAY_FIELDS = ("workers", "ray_address")
+
+
+def _resumed_ray_fields(stored, args: argparse.Namespace) -> dict:
+    """--no-ray / --ray, --workers and --ray-address on a resume. --no-ray sticks to a study until --ray: a study
+    run without Ray (whose host may have none) never starts it unasked."""
+    from dsm_tune.search.study import StudyError
+
+    given = {name: getattr(args, name) for name in RAY_FIELDS if getattr(args, name) is not None}
+    if args.no_ray:   # StudySpec refuses --workers N>1 and --ray-address with it, as for a new study
+        return {"no_ray": True, "workers": 1, "ray_address": None, **given}
+    if args.no_ray is None and stored.no_ray:
+        if given.get("workers", 1) != 1 or "ray_address" in given:
+            asked = " and ".join(f"--{name.replace('_', '-')} {value}" for name, value in given.items())
+            raise StudyError(f"study {stored.study!r} runs without Ray (it was run with --no-ray): give --ray to "
+                             f"resume it with {asked}")
+        return {}
+    return {"no_ray": False, **given}
 
 
 def _apply_probe(spec, args: argparse.Namespace) -> None:

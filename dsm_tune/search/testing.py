@@ -24,11 +24,15 @@ class StandInEvaluator:
     `drift` multiplies the dense and merged timings of the n-th evaluation by `drift[n % len(drift)]` (a machine
     whose load comes and goes: the speedup is unchanged). Every `noisy_every`-th evaluation reports a speedup
     1.5x too high flagged `speedup_noisy`, as a timing under bursty load would be.
+
+    `started_log`: a file that gets one line (the config key) as each evaluation begins, so a test can stop the
+    process while one is surely running (the evaluator may run in another process, or the process may be killed).
     """
 
     def __init__(self, fingerprint: ModelFingerprint, cost_s: float = 0.0, die_on: tuple[str, ...] = (),
                  fail_on: tuple[str, ...] = (), die_on_init: bool = False, baseline_latency_ms: float = 10.0,
-                 die_marker: str | None = None, drift: tuple[float, ...] = (), noisy_every: int = 0):
+                 die_marker: str | None = None, drift: tuple[float, ...] = (), noisy_every: int = 0,
+                 started_log: str | None = None):
         if die_on_init:
             os._exit(3)
         self.fingerprint = fingerprint
@@ -44,10 +48,14 @@ class StandInEvaluator:
         self.data_fingerprint = "stand-in"
         self.drift, self.noisy_every = tuple(drift), noisy_every
         self.evaluations = 0
+        self.started_log = started_log
 
     def evaluate(self, cfg: DSMConfig, **options: Any) -> dict[str, Any]:
         """`options` are recorded as `options_seen` (what the driver asked the evaluator for)."""
         key = cfg.key()
+        if self.started_log is not None:
+            with open(self.started_log, "a") as log:
+                log.write(key + "\n")
         if key in self.die_on:
             # Die only once per marker file when one is given, so a re-run of the same config can succeed.
             if self.die_marker is None or not Path(self.die_marker).exists():
@@ -96,8 +104,9 @@ class StandInFactory:
     die_marker: str | None = None
     drift: tuple[float, ...] = ()
     noisy_every: int = 0
+    started_log: str | None = None
 
     def __call__(self) -> StandInEvaluator:
         return StandInEvaluator(self.fingerprint, cost_s=self.cost_s, die_on=self.die_on, fail_on=self.fail_on,
                                 die_on_init=self.die_on_init, die_marker=self.die_marker, drift=self.drift,
-                                noisy_every=self.noisy_every)
+                                noisy_every=self.noisy_every, started_log=self.started_log)

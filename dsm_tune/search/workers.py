@@ -1,5 +1,6 @@
 """Ray workers: one actor per device of the target, each holding one evaluator (model, data, baselines) for the
-whole study and evaluating configs one at a time.
+whole study and evaluating configs one at a time; or, for `run --no-ray`, one such worker in the driver's own
+process (`InProcessPool`, same interface as `WorkerPool`).
 
 Ray is imported lazily: a local Ray is bound to loopback only if the environment says so before Ray's first
 import (see `start_ray`).
@@ -182,9 +183,10 @@ class TrialWorker:
     """Body of one Ray actor. Construction errors are kept and reported by `describe`, so a user error (missing
     data, unknown model) reaches the driver as itself, not as an anonymous dead actor."""
 
-    def __init__(self, factory: Callable[[], Evaluator], name: str, guard_timing: bool):
+    def __init__(self, factory: Callable[[], Evaluator], name: str, guard_timing: bool, in_process: bool = False):
         self.name = name
-        _restore_normal_priority()
+        if not in_process:   # the driver's own process keeps the priority its user gave it
+            _restore_normal_priority()
         self.guard = TimingGuard() if guard_timing else None
         self.evaluator: Evaluator | None = None
         self.init_error: BaseException | None = None
@@ -410,6 +412,92 @@ class WorkerPool:
                 self._ray.kill(slot.actor, no_restart=True)
             slot.ready_ref = slot.task_ref = slot.task = None
             slot.info = None
+        return running
+
+
+class InProcessPool:
+    """`WorkerPool`'s interface over one `TrialWorker` in the driver's own process (`run --no-ray`): no Ray is
+    imported. The worker is built, and each trial evaluated, synchronously inside `wait`, so the driver's loop is
+    the same as with Ray. A Ctrl-C during an evaluation propagates from `wait` (the loop requeues the trial); a
+    config that ends the process ends the driver with it, which is why `before_evaluate(task)` runs first: the
+    driver marks the trial so that a resume knows which config was being evaluated (`tell.recover_stale`)."""
+
+    def __init__(self, factory: Callable[[], Evaluator], placement: Placement,
+                 before_evaluate: Callable[[Any], None] | None = None):
+        self.factory = factory
+        self.placement = placement
+        self.before_evaluate = before_evaluate
+        self.slots = [Slot(0)]
+        self._workers: dict[int, TrialWorker] = {}
+        self._options: dict[int, dict[str, Any]] = {}
+        self._cfgs: dict[int, DSMConfig] = {}
+        for slot in self.slots:
+            self._launch(slot)
+
+    def _launch(self, slot: Slot) -> None:
+        slot.info = None
+        slot.task_ref = slot.task = None
+        slot.completed = 0
+        self._workers.pop(slot.index, None)
+        slot.ready_ref = "start"   # built at the next `wait`
+
+    def replace(self, slot: Slot) -> None:
+        slot.generation += 1
+        self._launch(slot)
+
+    def idle_slots(self) -> list[Slot]:
+        return [s for s in self.slots if s.idle]
+
+    def busy_slots(self) -> list[Slot]:
+        return [s for s in self.slots if s.task_ref is not None]
+
+    def submit(self, slot: Slot, cfg: DSMConfig, task: Any, options: Mapping[str, Any] | None = None) -> None:
+        """Queue `cfg` for the slot's worker; it is evaluated by the next `wait`."""
+        slot.task = task
+        slot.task_ref = "evaluate"
+        self._cfgs[slot.index] = cfg
+        self._options[slot.index] = dict(options or {})
+
+    def pending(self) -> bool:
+        return any(s.ready_ref is not None or s.task_ref is not None for s in self.slots)
+
+    def wait(self, timeout: float) -> list[PoolEvent]:
+        """Start a worker that is due, else run the submitted evaluations; `timeout` does not bound either (an
+        evaluation takes what it takes, as the Ray pool's remote one does)."""
+        events: list[PoolEvent] = []
+        for slot in self.slots:
+            if slot.ready_ref is not None:
+                worker = TrialWorker(self.factory, slot.name, self.placement.guard_timing, in_process=True)
+                slot.ready_ref = None
+                slot.info = worker.describe()
+                if slot.info.started:
+                    self._workers[slot.index] = worker
+                    events.append(WorkerReady(slot, slot.info))
+                else:
+                    events.append(WorkerFailedToStart(slot, slot.info))
+                return events   # as with Ray: the driver sees the worker ready before it submits to it
+        for slot in self.busy_slots():
+            task, cfg, options = slot.task, self._cfgs.pop(slot.index), self._options.pop(slot.index)
+            if self.before_evaluate is not None:
+                self.before_evaluate(task)
+            value = self._workers[slot.index].evaluate(cfg, options)
+            slot.task_ref = slot.task = None
+            slot.completed += 1
+            if value.error is not None:
+                events.append(TrialRaised(slot, task, value.error, value.user_error))
+            else:
+                events.append(TrialDone(slot, task, value.result))
+        return events
+
+    def cancel_all(self) -> list[Any]:
+        """Drop the worker (its evaluator is freed); returns the tasks that were submitted or running."""
+        running = [s.task for s in self.slots if s.task_ref is not None]
+        for slot in self.slots:
+            slot.ready_ref = slot.task_ref = slot.task = None
+            slot.info = None
+        self._workers.clear()
+        self._cfgs.clear()
+        self._options.clear()
         return running
 
 

@@ -1,4 +1,5 @@
-"""The study driver: an Optuna multi-objective study (accuracy drop, latency) run by ask/tell over Ray workers.
+"""The study driver: an Optuna multi-objective study (accuracy drop, latency) run by ask/tell over Ray workers, or
+over one evaluator in the driver's own process (`spec.no_ray`, `run --no-ray`: Ray is never imported).
 
 `run_study` holds the study's lock, starts Ray, takes SIGTERM back from it, and hands the rest to the parts:
 `spec` (what and how long), `session` (storage, setup attrs, tracker, final outputs), `loop` (ask, dispatch,
@@ -24,6 +25,7 @@ import optuna
 
 from dsm_tune.interrupts import sigterm_as_interrupt
 from dsm_tune.merging import ModelFingerprint
+from dsm_tune.search.diskspace import check_free_space, holds_no_study, stop_on_full_disk
 from dsm_tune.search.folder import StudyError, StudyFolder
 from dsm_tune.search.progress import Progress
 from dsm_tune.search.space import parse_space, precheck_space, read_space_file
@@ -34,8 +36,10 @@ from dsm_tune.search.study.preflight import preflight
 from dsm_tune.search.study.proposer import Proposal, Proposer, ProposerFactory, SamplerProposer, default_proposer
 from dsm_tune.search.study.session import StudyResult, StudySession, Tracker
 from dsm_tune.search.study.spec import DEFAULT_SAMPLER, SAMPLERS, StudySpec, resume_spec
+from dsm_tune.search.study.tell import mark_in_process
 from dsm_tune.search.workers import (
-    Evaluator, Placement, WorkerFailedToStart, WorkerInfo, WorkerPool, WorkerReady, start_ray, stop_ray,
+    Evaluator, InProcessPool, Placement, WorkerFailedToStart, WorkerInfo, WorkerPool, WorkerReady, start_ray,
+    stop_ray,
 )
 
 __all__ = ["StudySpec", "StudyResult", "StudyError", "run_study", "resume_spec", "SAMPLERS", "DEFAULT_SAMPLER",
@@ -55,7 +59,9 @@ def run_study(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | None
     gives the proposer of configs (default: `default_proposer`, Optuna's sampler over the space).
     """
     stream = stream or sys.stderr
-    with _study_lock(spec), chatter_to(spec.folder.log_file):
+    # A full disk anywhere in the run leaves as one DiskFullError, with the lock still held (diskspace.py).
+    with _study_lock(spec), chatter_to(spec.folder.log_file), \
+            stop_on_full_disk(spec.folder.storage_file, spec.folder.name):
         return _run_locked(spec, evaluator_factory, tracker, stream, proposer_factory or default_proposer)
 
 
@@ -67,7 +73,8 @@ def sync_tracking(out: Path, study: str, mlflow_uri: str | None = None, tracker:
     from dsm_tune.search.tracking import MlflowTracker
 
     spec = resume_spec(out, study, mlflow_uri=mlflow_uri)
-    with _study_lock(spec), chatter_to(spec.folder.log_file):
+    with _study_lock(spec), chatter_to(spec.folder.log_file), \
+            stop_on_full_disk(spec.folder.storage_file, spec.folder.name):
         tracker = tracker if tracker is not None else MlflowTracker(uri=spec.mlflow_uri, out=spec.out)
         progress = Progress(total=spec.trials, max_drop=spec.max_accuracy_drop, stream=stream or sys.stderr)
         session = StudySession(spec, progress, tracker, resumed=True)
@@ -97,7 +104,8 @@ def _study_lock(spec: StudySpec) -> Iterator[None]:
         yield
     finally:
         lock.release()
-        if created is not None and not folder.storage_file.exists():
+        # A start that stored no study (bad input, or a disk full before the study was created) leaves nothing.
+        if created is not None and holds_no_study(folder.storage_file, folder.name):
             shutil.rmtree(folder.path, ignore_errors=True)
             for parent in folder.path.parents:   # folders above it only while empty (another study may start)
                 if parent == created.parent:
@@ -112,7 +120,11 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | No
     folder = spec.folder
     resumed = folder.holds_study()
     if resumed:
-        spec.check_same_study(folder.load().user_attrs["spec"])
+        stored = folder.load().user_attrs["spec"]
+        legacy_note = spec.adopt_legacy(stored)
+        if legacy_note:
+            stream.write(legacy_note + "\n")
+        spec.check_same_study(stored)
     # Read the space before any worker starts so a malformed file fails fast.
     space_text, space_source = study_space_text(spec, folder, resumed)
     precheck_space(space_text, space_source)
@@ -122,12 +134,15 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | No
     if resumed:
         session.open()
         spent = session.budget_spent()
+    if spent is None:   # trials to measure: their storage and outputs need room (diskspace.MIN_FREE_ENV)
+        check_free_space(folder.path)
     # The default evaluator's inputs are checked here, before Ray and before the study is announced.
     checked = preflight(spec) if evaluator_factory is None and spent is None else None
     if checked is not None and checked.fingerprint is not None:
         parse_space(space_text, checked.fingerprint, space_source)
     progress.message(f"dsm-tune: {'resuming' if resumed else 'starting'} study {spec.study!r} in {folder.path} "
-                     f"({spec.model} on {spec.target}, {spec.workers} worker(s), sampler {spec.sampler})")
+                     f"({spec.model} on {spec.target}, "
+                     f"{'in-process, no Ray' if spec.no_ray else f'{spec.workers} worker(s)'}, sampler {spec.sampler})")
     if spent is not None:
         # Nothing to measure: no workers, no Ray; refresh the outputs from the storage, and deliver what the
         # tracker queued while its server was down.
@@ -143,16 +158,21 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | No
 def _run_workers(spec: StudySpec, session: StudySession, factory: Callable[[], Evaluator], placement: Placement,
                  space_file: tuple[str, Path], proposer_factory: ProposerFactory, stream: TextIO) -> StudyResult:
     progress = session.progress
-    started_ray = start_ray(spec.ray_address, num_cpus=max(os.cpu_count() or 1, spec.workers)
-                            if spec.ray_address is None else None)
+    # --no-ray: the evaluator lives in this process and Ray is never imported (a GPU host may not have it).
+    started_ray = False if spec.no_ray else start_ray(
+        spec.ray_address, num_cpus=max(os.cpu_count() or 1, spec.workers) if spec.ray_address is None else None)
     # Ray installs a fatal-signal handler for SIGTERM that ends the process on the spot; a `kill` should stop the
-    # study as cleanly as Ctrl-C does (running trials failed and queued again), so take SIGTERM back.
+    # study as cleanly as Ctrl-C does (running trials failed and queued again), so take SIGTERM back (without Ray
+    # too: SIGTERM's default would end the process without writing the outputs).
     restore_sigterm = sigterm_as_interrupt()
-    pool: WorkerPool | None = None
+    pool: WorkerPool | InProcessPool | None = None
     loop: Loop | None = None
     interrupted = False
     try:
-        pool = WorkerPool(factory, spec.workers, placement)
+        if spec.no_ray:
+            pool = InProcessPool(factory, placement, before_evaluate=lambda task: mark_in_process(task.trial))
+        else:
+            pool = WorkerPool(factory, spec.workers, placement)
         info = _wait_first_worker(pool, progress)
         fingerprint = ModelFingerprint.from_dict(info.fingerprint)
         space = parse_space(space_file[0], fingerprint, space_file[1])
@@ -196,7 +216,7 @@ def _make_tracker(spec: StudySpec) -> Tracker:
     return MlflowTracker(uri=spec.mlflow_uri, out=spec.out)
 
 
-def _wait_first_worker(pool: WorkerPool, progress: Progress) -> WorkerInfo:
+def _wait_first_worker(pool: WorkerPool | InProcessPool, progress: Progress) -> WorkerInfo:
     """Block until one worker has loaded the model (its fingerprint and baselines set up the study)."""
     started = time.monotonic()
     warned = False

@@ -1,4 +1,5 @@
-"""The production evaluator of a study, built inside each Ray actor from plain data."""
+"""The production evaluator of a study, built inside each Ray actor (or in the driver, `--no-ray`) from plain
+data."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from dsm_tune.search.study.tell import ABORT_FACTOR
 
 @dataclass(frozen=True)
 class DefaultEvaluatorFactory:
-    """Builds the real `TrialEvaluator` inside a Ray actor (picklable: plain data only)."""
+    """Builds the real `TrialEvaluator` inside a Ray actor, or in the driver's process with `--no-ray`
+    (picklable: plain data only)."""
 
     model: str
     target: str
@@ -27,6 +29,8 @@ class DefaultEvaluatorFactory:
     pretrained: bool
     max_drop: float | None
     cache_dir: str | None
+    holdout: float = 0.0
+    order: str = "balanced"
 
     @classmethod
     def from_spec(cls, spec: StudySpec) -> "DefaultEvaluatorFactory":
@@ -36,7 +40,9 @@ class DefaultEvaluatorFactory:
                    checkpoint=spec.checkpoint, pretrained=spec.pretrained,
                    max_drop=ABORT_FACTOR * spec.max_accuracy_drop if spec.max_accuracy_drop > 0 else None,
                    # The dense-output cache is on the driver's disk: only local workers can share it.
-                   cache_dir=str((spec.out / "cache").resolve()) if local else None)
+                   cache_dir=str((spec.out / "cache").resolve()) if local else None,
+                   # A separate confirmation folder leaves every image of --data to the search.
+                   holdout=spec.confirm if spec.confirm_data is None else 0.0, order=spec.data_order)
 
     def __call__(self) -> Any:
         import torch
@@ -47,11 +53,12 @@ class DefaultEvaluatorFactory:
         target = load_target(self.target, batch_size=self.batch_size, dtype=self.dtype, compile=self.compile)
         if target.device == "cpu":
             # Ray sets each actor to one thread (its CPU share); a CPU target is timed on the whole host, which
-            # the timing guard gives to one worker at a time.
+            # the timing guard gives to one worker at a time (in-process, the driver already has every core).
             torch.set_num_threads(os.cpu_count() or 1)
         return TrialEvaluator(self.model, target, self.data, metric=self.metric, limit=self.limit,
                               checkpoint=self.checkpoint, cache_dir=Path(self.cache_dir) if self.cache_dir else None,
-                              max_drop=self.max_drop, pretrained=self.pretrained)
+                              max_drop=self.max_drop, pretrained=self.pretrained, order=self.order,
+                              holdout=self.holdout)
 
 
 def resolve_target(spec: StudySpec) -> Any:

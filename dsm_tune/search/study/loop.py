@@ -20,7 +20,7 @@ from dsm_tune.search.space import SearchSpace, SpaceError, plan_key
 from dsm_tune.search.study.dedup import SETTLED, PlanCache, Task
 from dsm_tune.search.study.proposer import Proposal, Proposer
 from dsm_tune.search.study.spec import StudySpec
-from dsm_tune.search.study.tell import Teller
+from dsm_tune.search.study.tell import MAX_PROCESS_DEATHS, Teller, process_killers
 from dsm_tune.search.workers import (
     PoolEvent, Slot, TrialDone, TrialRaised, WorkerDied, WorkerFailedToStart, WorkerPool, WorkerReady,
 )
@@ -55,6 +55,13 @@ class Loop:
         for trial in finished:
             self._record_progress(trial, earlier=True)
             proposer.observe(trial)
+        # Plans whose config ended the driver's process when evaluated in-process (tell.IN_PROCESS_ATTR): never
+        # evaluated again, or a sampler that proposes them anew would crash the study once per proposal.
+        self.killers = process_killers(finished)
+        for number in sorted(self.killers.values()):
+            self.progress.message(f"dsm-tune: trial {number}'s config ended the process each of the "
+                                  f"{MAX_PROCESS_DEATHS} times it was evaluated in-process: failed, not measured "
+                                  f"again")
 
     # bookkeeping -----------------------------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -99,6 +106,10 @@ class Loop:
         if proposal.seed_kind:
             trial.set_user_attr("seed_kind", proposal.seed_kind)
         task = Task(trial, cfg, key, trial.user_attrs.get("seed_kind"), dict(proposal.options))
+        if key in self.killers:
+            self.teller.prune(trial, f"not measured: the same plan as trial {self.killers[key]}, whose config ended "
+                                     f"the process when evaluated in-process")
+            return None
         violation = self.space.violation(cfg)
         if violation is not None:
             self.teller.prune(trial, f"not measured: {violation}")

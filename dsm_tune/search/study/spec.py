@@ -21,6 +21,10 @@ SAMPLERS = ("tpe", "nsga2", "gp", "random")
 DEFAULT_SAMPLER = "tpe"
 
 IDENTITY, BUDGET = "identity", "budget"
+DEFAULT_CONFIRM = 0.2
+# What a study stored before these identity fields existed was made with: all its data searched, in the old
+# class-prefix order. A resume adopts them (`adopt_legacy`), so it keeps scoring the very same images.
+LEGACY_IDENTITY = {"confirm": 0.0, "confirm_data": None, "data_order": "class-prefix"}
 
 
 def _identity(default: Any) -> Any:
@@ -51,6 +55,11 @@ class StudySpec:
     checkpoint: str | None = _identity(None)
     pretrained: bool = _identity(False)
     max_accuracy_drop: float = _identity(1.0)
+    # The share of the data held out of the search to confirm the front on (`--confirm`), or a folder of
+    # confirmation images of its own (`--confirm-data`); and how a prefix of the images is drawn (data.ORDERS).
+    confirm: float = _identity(DEFAULT_CONFIRM)
+    confirm_data: str | None = _identity(None)
+    data_order: str = _identity("balanced")
     trials: int = _budget(24)
     timeout: float | None = _budget(None)
     sampler: str = _budget(DEFAULT_SAMPLER)
@@ -60,6 +69,9 @@ class StudySpec:
     out: Path = Path("runs")
     study: str | None = None
     ray_address: str | None = _budget(None)
+    # `run --no-ray`: one evaluator in the driver's own process, for a host without Ray (budget: a study may be
+    # resumed with or without Ray).
+    no_ray: bool = _budget(False)
     mlflow_uri: str | None = _budget(None)
     mlflow: bool = _budget(True)
     # `run --probe` (search/probe_narrow.py): the probe the space was narrowed with, and what was narrowed and why.
@@ -82,12 +94,26 @@ class StudySpec:
             raise StudyError(f"--trials must be a positive integer, got {self.trials!r}")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise StudyError(f"--workers must be a positive integer, got {self.workers!r}")
+        if self.no_ray and self.workers != 1:
+            raise StudyError(f"--no-ray evaluates in the driver's own process, one trial at a time: it cannot run "
+                             f"--workers {self.workers} (several workers need Ray)")
+        if self.no_ray and self.ray_address is not None:
+            raise StudyError(f"--no-ray runs without Ray: it cannot join the Ray cluster at --ray-address "
+                             f"{self.ray_address}")
         if self.timeout is not None and not self.timeout > 0:
             raise StudyError(f"--timeout must be a positive number of seconds, got {self.timeout!r}")
         if not (isinstance(self.max_accuracy_drop, (int, float)) and math.isfinite(self.max_accuracy_drop)
                 and self.max_accuracy_drop >= 0):
             raise StudyError(f"--max-accuracy-drop must be a number >= 0, got {self.max_accuracy_drop!r}")
         self.max_accuracy_drop = float(self.max_accuracy_drop)
+        if isinstance(self.confirm, bool) or not isinstance(self.confirm, (int, float)) or \
+                not 0.0 <= self.confirm < 1.0:
+            raise StudyError(f"--confirm must be a fraction of the images in [0, 1), got {self.confirm!r}")
+        self.confirm = float(self.confirm)
+        if self.confirm_data is not None:
+            self.confirm_data = str(self.confirm_data)
+        if self.data_order not in ("balanced", "class-prefix"):
+            raise StudyError(f"unknown data order {self.data_order!r}")
         if self.limit is not None and self.limit < 1:
             raise StudyError(f"--limit must be a positive number of images, got {self.limit!r}")
 
@@ -117,6 +143,22 @@ class StudySpec:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    @property
+    def confirms(self) -> bool:
+        """Whether the study's front is confirmed on images the search never saw."""
+        return self.confirm_data is not None or self.confirm > 0
+
+    def adopt_legacy(self, stored: Mapping[str, Any]) -> str | None:
+        """Take the data settings of a study stored before they existed; the line to tell the user, or None."""
+        missing = [key for key in LEGACY_IDENTITY if key not in stored]
+        if not missing:
+            return None
+        for key in missing:
+            setattr(self, key, LEGACY_IDENTITY[key])
+        return (f"dsm-tune: study {self.study!r} was made before balanced image subsets and the confirmation split: "
+                f"it keeps its images (a first-classes prefix when --limit is below the class count) and has no "
+                f"confirmation; start a new --study for representative figures")
+
     def check_same_study(self, stored: Mapping[str, Any]) -> None:
         """Refuse to resume a study with other identity fields than it was started with."""
         asked = self.to_dict()
@@ -133,7 +175,7 @@ def resume_spec(out: Path, study: str, **changes: Any) -> StudySpec:
     folder = StudyFolder(Path(out), study)
     if not folder.storage_file.is_file():
         raise folder.missing_error("give --model (and --device) to start one")
-    stored = dict(folder.load().user_attrs["spec"])
+    stored = {**LEGACY_IDENTITY, **folder.load().user_attrs["spec"]}
     stored.update({k: v for k, v in changes.items() if v is not None})
     stored["out"], stored["study"] = str(out), study
     return StudySpec.from_dict(stored)

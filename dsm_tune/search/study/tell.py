@@ -25,9 +25,20 @@ CONSTRAINT_NAME = "accuracy_drop"                # Optuna constraint: accuracy_d
 # so near-misses are fully measured (the plots show the boundary) and hopeless configs cost little.
 ABORT_FACTOR = 2.0
 
+# `run --no-ray` evaluates in the driver's process, so a config that crashes it (segfault, OOM kill, os._exit)
+# takes the driver along. The trial is marked before its evaluation starts; a resume that finds it still RUNNING
+# with the mark cannot tell that config from a user's kill -9, so it queues it again once, counting the death on
+# the copy; a config whose evaluation ended the process MAX_PROCESS_DEATHS times is FAILed for good, and later
+# proposals of the same plan are not measured (the loop prunes them).
+IN_PROCESS_ATTR = "in_process"              # True from just before an in-process evaluation starts
+PROCESS_DEATHS_ATTR = "process_deaths"      # in-process runs of this config the process did not survive
+MAX_PROCESS_DEATHS = 2
+KILLED_PROCESS_ATTR = "killed_process"      # on the FAILed trial whose config ended the process too often
+
 # Trial user attrs the driver owns; everything else a trial holds came from its evaluator.
 DRIVER_ATTRS = frozenset({"worker", "duplicate_of", "config", "config_key", "plan_key", "seed_kind", "constraint",
-                          "requeued_from", "merge_form", "fail_reason", "queued_again"})
+                          "requeued_from", "merge_form", "fail_reason", "queued_again", IN_PROCESS_ATTR,
+                          PROCESS_DEATHS_ATTR, KILLED_PROCESS_ATTR})
 # A FAILed trial whose parameters were enqueued again (it will be measured by its copy): a proposer tracking
 # what it asked must not count it as a failed config.
 QUEUED_AGAIN_ATTR = "queued_again"
@@ -137,23 +148,51 @@ class Teller:
         enqueue_again(self.study, dict(task.trial.params), task.trial.number, task.seed_kind)
 
 
-def enqueue_again(study: optuna.Study, params: dict[str, Any], number: int, seed_kind: str | None) -> None:
+def enqueue_again(study: optuna.Study, params: dict[str, Any], number: int, seed_kind: str | None,
+                  process_deaths: int = 0) -> None:
     user_attrs: dict[str, Any] = {**replay_attrs(params), "requeued_from": number}
     if seed_kind:
         user_attrs["seed_kind"] = seed_kind
+    if process_deaths:
+        user_attrs[PROCESS_DEATHS_ATTR] = process_deaths
     study.enqueue_trial(params, user_attrs=user_attrs)
 
 
+def mark_in_process(trial: optuna.trial.Trial) -> None:
+    """Just before the driver's own process evaluates `trial` (see IN_PROCESS_ATTR)."""
+    trial.set_user_attr(IN_PROCESS_ATTR, True)
+
+
 def recover_stale(study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:
-    """Trials left RUNNING by a process that died: FAIL them and queue their parameters again."""
+    """Trials left RUNNING by a process that died: FAIL them and queue their parameters again, except a config
+    that was being evaluated in-process each of MAX_PROCESS_DEATHS times the process ended (see IN_PROCESS_ATTR):
+    FAILed for good. Returns how many were queued again."""
     study_id = storage.get_study_id_from_name(study.study_name)
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        deaths = int(trial.user_attrs.get(PROCESS_DEATHS_ATTR) or 0)
+        if trial.user_attrs.get(IN_PROCESS_ATTR):
+            deaths += 1
+            storage.set_trial_user_attr(trial_id, PROCESS_DEATHS_ATTR, deaths)
+        if deaths >= MAX_PROCESS_DEATHS:
+            storage.set_trial_user_attr(trial_id, "fail_reason", (
+                f"the study's process ended {deaths} times while evaluating this config in-process (--no-ray): "
+                f"it crashes the process (a segfault, an out-of-memory kill or an exit in the evaluator); not "
+                f"queued again"))
+            storage.set_trial_user_attr(trial_id, KILLED_PROCESS_ATTR, True)
+            study.tell(trial.number, state=TrialState.FAIL)
+            continue
         storage.set_trial_user_attr(trial_id, "fail_reason", "the process running the study ended while this trial "
                                                              "was running; queued again")
         storage.set_trial_user_attr(trial_id, QUEUED_AGAIN_ATTR, True)
         study.tell(trial.number, state=TrialState.FAIL)
-        enqueue_again(study, dict(trial.params), trial.number, trial.user_attrs.get("seed_kind"))
+        enqueue_again(study, dict(trial.params), trial.number, trial.user_attrs.get("seed_kind"), deaths)
         count += 1
     return count
+
+
+def process_killers(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
+    """Plan key -> number of the trial FAILed because its config ended the process (see IN_PROCESS_ATTR)."""
+    return {t.user_attrs["plan_key"]: t.number for t in trials
+            if t.state == TrialState.FAIL and t.user_attrs.get(KILLED_PROCESS_ATTR) and t.user_attrs.get("plan_key")}
