@@ -32,7 +32,7 @@ NAMED_DATASETS = ("fashion-mnist", "cifar10", "demo-fashion-mnist")
 IMAGENET_WNIDS_PATH = Path(__file__).with_name("assets") / "imagenet_wnids.txt"
 UNLABELED = -1
 # Bump when the way data is selected or preprocessed changes, so cached dense outputs are not reused.
-_FINGERPRINT_VERSION = "1"
+_FINGERPRINT_VERSION = "2"
 
 
 class DataError(DSMTuneError):
@@ -155,23 +155,69 @@ def model_transform(model: torch.nn.Module) -> tuple[Callable, str, dict]:
     return transform, ("L" if channels == 1 else "RGB"), config
 
 
-def evaluation_order(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+# How a prefix of the evaluation order is drawn. "balanced": rounds of one image per class, the classes of each round
+# in a seeded random order, so any prefix is a random sample spread over the whole label range. "class-prefix": the
+# order of studies made before it, whose rounds ran in label order, so a prefix shorter than the class count held
+# the lowest class indices only; kept so such a study resumes on the very images it was scored on.
+ORDERS = ("balanced", "class-prefix")
+DEFAULT_ORDER = "balanced"
+# What a stratified split of the data is used for: the search scores configs on one part, the confirmation of the
+# front on the other, which the search never sees.
+PARTS = ("all", "search", "confirm")
+
+
+def evaluation_order(labels: np.ndarray, limit: int | None, seed: int, order: str = DEFAULT_ORDER) -> np.ndarray:
     """Indices to evaluate: shuffled within each class (by `seed`), then taken one per class in turn.
 
     Any prefix of the order is class-stratified, so `--limit N` keeps the class balance and a chunked evaluation
-    that stops early has still seen every class.
+    that stops early has still seen every class it could. With the balanced order (the default) the classes of a
+    round come in random order, so a prefix shorter than the number of classes is spread over all of them.
     """
+    if order not in ORDERS:
+        raise DataError(f"unknown evaluation order {order!r}; choose one of {', '.join(ORDERS)}")
     count = len(labels)
     rng = np.random.default_rng(seed)
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     if (labels == UNLABELED).all():
-        order = rng.permutation(count)
+        indices = rng.permutation(count)
     else:
         per_class = [rng.permutation(np.flatnonzero(labels == cls)) for cls in np.unique(labels)]
         rounds = max(len(members) for members in per_class)
-        order = np.array([members[i] for i in range(rounds) for members in per_class if i < len(members)])
-    return order[:limit] if limit is not None else order
+        picked = []
+        for i in range(rounds):
+            this_round = np.array([members[i] for members in per_class if i < len(members)])
+            picked.append(rng.permutation(this_round) if order == "balanced" else this_round)
+        indices = np.concatenate(picked)
+    return indices[:limit] if limit is not None else indices
+
+
+def split_positions(count: int, holdout: float) -> np.ndarray:
+    """Boolean mask over positions of an evaluation order: True for the held-out (confirmation) share.
+
+    Positions are held out evenly along the order (every 1/holdout-th), so both parts inherit the order's spread
+    over classes, and any prefix of either part is as balanced as a prefix of the whole."""
+    if not 0.0 <= holdout < 1.0:
+        raise DataError(f"--confirm must be a fraction in [0, 1), got {holdout!r}")
+    positions = np.arange(count)
+    return np.floor((positions + 1) * holdout) > np.floor(positions * holdout)
+
+
+def select_part(labels: np.ndarray, limit: int | None, seed: int, order: str = DEFAULT_ORDER,
+                part: str = "all", holdout: float = 0.0) -> np.ndarray:
+    """Indices of one part of the data, in evaluation order, `limit` at most.
+
+    `part="search"` and `"confirm"` split the full evaluation order by `split_positions(holdout)` before the limit
+    is applied, so the two parts never share an image whatever the limit."""
+    if part not in PARTS:
+        raise DataError(f"unknown data part {part!r}; choose one of {', '.join(PARTS)}")
+    full = evaluation_order(labels, None, seed, order)
+    if part != "all" and holdout > 0:
+        held = split_positions(len(full), holdout)
+        full = full[held] if part == "confirm" else full[~held]
+    elif part == "confirm":
+        full = full[:0]
+    return full[:limit] if limit is not None else full
 
 
 def _check_limit(limit: int | None) -> None:
@@ -302,20 +348,23 @@ def _check_fits_head(kind: str, labels: np.ndarray, class_count: int, model: tor
 
 
 def load_data(spec: str | os.PathLike | DataSpec, model: torch.nn.Module, limit: int | None = None,
-              seed: int = 0) -> EvalData:
-    """Evaluation data for `model` (its preprocessing, its classes), `limit` images chosen per `evaluation_order`."""
+              seed: int = 0, *, order: str = DEFAULT_ORDER, part: str = "all", holdout: float = 0.0) -> EvalData:
+    """Evaluation data for `model` (its preprocessing, its classes): `limit` images of `part` (see `select_part`)."""
     _check_limit(limit)
     spec = spec if isinstance(spec, DataSpec) else DataSpec.parse(spec)
     transform, mode, data_config = model_transform(model)
     transform_key = repr(sorted((k, str(v)) for k, v in data_config.items()))
+    # A study made with the class-prefix order keeps its fingerprint (and its cached dense outputs).
+    selection_key = ["1"] if order == "class-prefix" and part == "all" else \
+        [_FINGERPRINT_VERSION, order, part, repr(float(holdout))]
 
     if spec.named:
         images, labels, class_names, origin = _load_named(spec)
         kind = spec.source
         _check_fits_head(kind, labels, len(class_names), model, f"data set {spec.source}")
-        order = evaluation_order(labels, limit, seed)
-        images, labels = images[order], labels[order]
-        fingerprint = _fingerprint([_FINGERPRINT_VERSION, kind, spec.split, str(limit), str(seed), transform_key,
+        chosen = select_part(labels, limit, seed, order, part, holdout)
+        images, labels = images[chosen], labels[chosen]
+        fingerprint = _fingerprint([*selection_key, kind, spec.split, str(limit), str(seed), transform_key,
                                     np.ascontiguousarray(images).tobytes(), labels.tobytes()])
         dataset: torch.utils.data.Dataset = _ImageArrays(images, labels, transform, mode)
         description = f"{spec.source}:{spec.split} from {origin}"
@@ -324,17 +373,21 @@ def load_data(spec: str | os.PathLike | DataSpec, model: torch.nn.Module, limit:
         kind, paths, label_list, class_names = _scan_folder(root, head_classes(model))
         all_labels = np.asarray(label_list, dtype=np.int64)
         _check_fits_head(kind, all_labels, len(class_names), model, f"data folder {root}")
-        order = evaluation_order(all_labels, limit, seed)
-        paths = [paths[i] for i in order]
-        labels = all_labels[order]
+        chosen = select_part(all_labels, limit, seed, order, part, holdout)
+        paths = [paths[i] for i in chosen]
+        labels = all_labels[chosen]
         _check_headers(paths)
         listing = "\n".join(f"{p.relative_to(root)}|{p.stat().st_size}|{label}" for p, label in zip(paths, labels))
-        fingerprint = _fingerprint([_FINGERPRINT_VERSION, kind, str(limit), str(seed), transform_key, listing])
+        fingerprint = _fingerprint([*selection_key, kind, str(limit), str(seed), transform_key, listing])
         dataset = _ImageFiles(paths, labels.tolist(), transform, mode)
         description = f"{root} ({kind}, {len(class_names)} classes)" if class_names else f"{root} ({kind})"
 
     count = len(labels)
+    if count == 0:
+        raise DataError(f"no {part} images in {description} (--limit {limit}, --confirm {holdout:g})")
     description += f", {count} images" + (f" (limit {limit}, seed {seed})" if limit is not None else "")
+    if part != "all" and holdout > 0:
+        description += f", {part} part of a {holdout:g} hold-out split"
     return EvalData(dataset=dataset, labels=torch.as_tensor(labels, dtype=torch.int64),
                     labeled=bool((labels != UNLABELED).any()), fingerprint=fingerprint, num_images=count,
                     description=description, kind=kind, class_names=tuple(class_names))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.evaluation.data import EvalData, head_classes
+from dsm_tune.evaluation.intervals import DropInterval, agreement_interval, mean_interval, top1_interval
 from dsm_tune.evaluation.models import model_identity, weights_digest
 from dsm_tune.evaluation.targets import DTYPES
 
@@ -56,6 +57,8 @@ class AccuracyResult:
     aborted: bool     # stopped early: the drop over all images is certain to exceed max_drop
     num_images: int   # images evaluated (fewer than the data's when aborted)
     extra: dict
+    ci_low: float | None = None    # 95% paired interval of `drop` on the evaluated images (evaluation/intervals)
+    ci_high: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -249,6 +252,9 @@ class _Tally:
         # Per-image drop contributions (points), for the standard error of the drop on a prefix.
         self.loss_sum = 0.0
         self.loss_sq_sum = 0.0
+        # Discordant images, for the paired intervals: dense right and merged wrong (lost), the reverse (gained).
+        self.lost = 0
+        self.gained = 0
 
     def add(self, merged: torch.Tensor, dense: torch.Tensor, labels: torch.Tensor,
             dense_correct: torch.Tensor | None) -> None:
@@ -268,6 +274,8 @@ class _Tally:
             self.merged_correct += int(merged_correct.sum())
             self.dense_correct += int(dense_correct.sum())
             self._add_losses(100.0 * (dense_correct.double() - merged_correct.double()))
+            self.lost += int((dense_correct & ~merged_correct).sum())
+            self.gained += int((~dense_correct & merged_correct).sum())
         else:
             self._add_losses(100.0 * (~agrees).double())
 
@@ -280,6 +288,13 @@ class _Tally:
         mean = self.loss_sum / seen
         variance = max(self.loss_sq_sum / seen - mean * mean, 0.0) * seen / max(seen - 1, 1)
         return mean - z * (variance / seen) ** 0.5
+
+    def interval(self, seen: int) -> DropInterval:
+        if self.metric == "top1":
+            return top1_interval(seen, self.lost, self.gained)
+        if self.metric == "agreement":
+            return agreement_interval(seen, seen - self.agree)
+        return mean_interval(seen, self.loss_sum, self.loss_sq_sum)
 
     def certain_drop(self, total: int, seen: int) -> float:
         """The smallest drop over all `total` images still possible after `seen`: every remaining image perfect."""
@@ -310,5 +325,6 @@ class _Tally:
                 extra["dense_on_evaluated"] = dense_on_seen
         if aborted:
             extra["certain_drop"] = self.certain_drop(total, seen)
+        interval = self.interval(seen)
         return AccuracyResult(metric=self.metric, value=value, baseline=baseline, drop=drop, aborted=aborted,
-                              num_images=seen, extra=extra)
+                              num_images=seen, extra=extra, ci_low=interval.low, ci_high=interval.high)

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from dsm_tune.errors import DSMTuneError
-from dsm_tune.evaluation.data import EvalData, cache_root, default_data_spec, load_data
+from dsm_tune.evaluation.data import DEFAULT_ORDER, EvalData, cache_root, default_data_spec, load_data
 from dsm_tune.evaluation.latency import LatencyResult, measure_latency
 from dsm_tune.evaluation.metrics import AccuracyEvaluator, AccuracyResult
 from dsm_tune.evaluation.models import build_model, input_size, resolve_model_name
+from dsm_tune.evaluation.targets import DTYPES as DTYPES_BY_NAME
 from dsm_tune.evaluation.targets import Target, load_target
 
 
@@ -52,6 +53,8 @@ class TrialOutcome:
             "metric": acc.metric if acc else None,
             "metric_value": acc.value if acc else None,
             "accuracy_drop": acc.drop if acc else None,
+            "accuracy_drop_ci_low": acc.ci_low if acc else None,
+            "accuracy_drop_ci_high": acc.ci_high if acc else None,
             "aborted": acc.aborted if acc else False,
             "latency_ms": lat.candidate_ms if lat else None,
             "latency_iqr_ms": lat.candidate_iqr_ms if lat else None,
@@ -119,6 +122,9 @@ class TrialEvaluator:
     `baseline` (the study's record of the dense model) takes the first dense timing: a dense-only measurement when
     read before any trial, else the dense side of the first trial.
 
+    `order` and `holdout` choose the images (`data.select_part`): with `holdout > 0` the trials see only the
+    search part, the rest is kept for `HeldOutScorer`.
+
     `target` is a Target or a profile name; `data_spec=None` uses the model's default data (the embedded slice
     for the demo model) or, when it has none, measures latency only. `cache_dir=None` caches dense outputs under
     the user cache folder.
@@ -128,7 +134,7 @@ class TrialEvaluator:
                  metric: str | None = None, limit: int | None = None, checkpoint: Path | str | None = None,
                  cache_dir: Path | str | None = None, max_drop: float | None = None, *, pretrained: bool = False,
                  img_size: int | None = None, seed: int = 0, warmup: int | None = None,
-                 repeats: int | None = None):
+                 repeats: int | None = None, order: str = DEFAULT_ORDER, holdout: float = 0.0):
         from dsm_tune.merging import ModelFingerprint
 
         if max_drop is not None and (not isinstance(max_drop, (int, float)) or math.isnan(max_drop)):
@@ -142,7 +148,10 @@ class TrialEvaluator:
         data_spec = data_spec if data_spec is not None else default_data_spec(model_name)
         if data_spec is None and metric is not None:
             raise TrialError(f"--metric {metric} needs --data (model {model_name} has no default data)")
-        self.data: EvalData | None = load_data(data_spec, model, limit=limit, seed=seed) if data_spec else None
+        # With a hold-out share, the search scores only its own part: the confirmation images stay unseen.
+        self.data: EvalData | None = load_data(
+            data_spec, model, limit=limit, seed=seed, order=order, part="search" if holdout > 0 else "all",
+            holdout=holdout) if data_spec else None
         self.model = model.to(self.target.device, self.target.torch_dtype).eval()
         self.fingerprint = ModelFingerprint.from_model(self.model)
         self.accuracy: AccuracyEvaluator | None = None
@@ -221,3 +230,61 @@ class TrialEvaluator:
     def evaluate(self, cfg, screen_drop: float | None = None, timing: dict | None = None) -> dict:
         """Score one DSMConfig: the flat dict of the contract (docs/interfaces.md)."""
         return self.evaluate_detailed(cfg, screen_drop=screen_drop, timing=timing).flat()
+
+
+class HeldOutScorer:
+    """Scores configs on the confirmation images the search never saw: accuracy only (latency was measured on the
+    device during the study), every image, no early abort.
+
+    The images are the hold-out part of the study's data (`holdout`), or all of `confirm_data` when the user keeps
+    a separate folder; `limit` caps them like the search part. Runs on the target's device when this machine has
+    it, else on the CPU in float32 (`device_note` says so): the drop then carries the CPU's numerics, not bf16's.
+    """
+
+    def __init__(self, model_name: str, target: Target | str, data_spec: str | None, metric: str | None = None,
+                 limit: int | None = None, checkpoint: Path | str | None = None, cache_dir: Path | str | None = None,
+                 *, pretrained: bool = False, seed: int = 0, order: str = DEFAULT_ORDER, holdout: float = 0.0,
+                 confirm_data: str | None = None):
+        from dsm_tune.evaluation.targets import TargetError
+
+        if confirm_data is None and not holdout > 0:
+            raise TrialError("no confirmation images: give a hold-out share (--confirm) or --confirm-data")
+        try:
+            resolved = load_target(target) if isinstance(target, str) else target
+            device, dtype, batch = resolved.device, resolved.dtype, resolved.batch_size
+            self.device_note = None
+        except TargetError as exc:
+            device, dtype, batch = "cpu", "float32", 32
+            self.device_note = f"confirming on the CPU in float32 ({exc})"
+        model = build_model(model_name, checkpoint=checkpoint, pretrained=pretrained)
+        data_spec = data_spec if data_spec is not None else default_data_spec(model_name)
+        if confirm_data is not None:
+            self.data = load_data(confirm_data, model, limit=limit, seed=seed, order=order)
+        elif data_spec is None:
+            raise TrialError(f"model {model_name} has no data to hold out for confirmation: give --data")
+        else:
+            self.data = load_data(data_spec, model, limit=limit, seed=seed, order=order, part="confirm",
+                                  holdout=holdout)
+        self.model = model.to(device, DTYPES_BY_NAME[dtype]).eval()
+        self.accuracy = AccuracyEvaluator(
+            self.model, self.data, metric, device=device, dtype=dtype, batch_size=batch,
+            cache_dir=Path(cache_dir) if cache_dir is not None else cache_root() / "dense-outputs")
+        self.merged_model = shared_weights_copy(self.model)
+
+    @property
+    def data_fingerprint(self) -> str:
+        return self.data.fingerprint
+
+    @property
+    def num_images(self) -> int:
+        return self.data.num_images
+
+    def score(self, cfg) -> AccuracyResult:
+        from dsm_tune.merging import apply_dsm, check_fits, remove_dsm
+
+        check_fits(self.model, cfg)
+        apply_dsm(self.merged_model, cfg)
+        try:
+            return self.accuracy.evaluate(self.merged_model)
+        finally:
+            remove_dsm(self.merged_model)

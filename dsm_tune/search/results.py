@@ -22,12 +22,17 @@ __all__ = ["STORAGE_FILE", "StudyError", "storage_url", "open_storage", "load_st
            "config_attr"]
 
 OBJECTIVES = ("accuracy_drop", "latency_ms")
+# The study user attr holding the front's confirmed figures (`search/confirmation.py`): {"data_fingerprint": ...,
+# "scores": {trial number: {CONFIRMED_FIELDS}}}. Every reader gets them as columns of the trials frame.
+CONFIRM_ATTR = "confirmations"
+CONFIRMED_FIELDS = ("confirmed_drop", "confirmed_drop_ci_low", "confirmed_drop_ci_high", "confirmed_num_images")
 
 # Leading columns of trials.csv, in this order; every trial user attr follows under its own name.
 BASE_COLUMNS = ("number", "state", "values_0", "values_1", "datetime_start", "datetime_complete", "duration_s")
 # Read first when present so the CSV is easy to scan; the rest follow alphabetically.
 PREFERRED_ATTRS = (
-    "seed_kind", "accuracy_drop", "latency_ms", "speedup", "constraint", "metric", "metric_value", "aborted",
+    "seed_kind", "accuracy_drop", "accuracy_drop_ci_low", "accuracy_drop_ci_high", *CONFIRMED_FIELDS,
+    "latency_ms", "speedup", "constraint", "metric", "metric_value", "aborted",
     "latency_iqr_ms", "baseline_latency_ms", "latency_measured_ms", "baseline_measured_ms", "speedup_iqr",
     NOISY_ATTR, "flops_ratio", "tokens_kept", "num_images", "eval_seconds", "worker",
     "fail_reason", "duplicate_of", "config_key", "config",
@@ -55,7 +60,14 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def _row(trial: optuna.trial.FrozenTrial, reference: DenseReference) -> dict[str, Any]:
+def confirmed_scores(study_attrs: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    """Confirmed figures by trial number; empty for a study never confirmed."""
+    record = study_attrs.get(CONFIRM_ATTR) or {}
+    return {int(number): dict(fields) for number, fields in (record.get("scores") or {}).items()}
+
+
+def _row(trial: optuna.trial.FrozenTrial, reference: DenseReference,
+         confirmed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     values = list(trial.values) if trial.values is not None else [math.nan, math.nan]
     duration = trial.duration.total_seconds() if trial.duration is not None else math.nan
     row: dict[str, Any] = {
@@ -71,6 +83,7 @@ def _row(trial: optuna.trial.FrozenTrial, reference: DenseReference) -> dict[str
         row[f"params_{name}"] = value
     for name, value in reference.figures(trial.user_attrs).items():
         row[name] = _cell(value)
+    row.update(confirmed.get(trial.number, {}))
     return row
 
 
@@ -93,11 +106,12 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     dense latency. The raw medians are `latency_measured_ms` / `baseline_measured_ms`.
     """
     reference = study_reference(study)
-    rows = [_row(t, reference) for t in study.get_trials(deepcopy=False)]
+    confirmed = confirmed_scores(study.user_attrs)
+    rows = [_row(t, reference, confirmed) for t in study.get_trials(deepcopy=False)]
     columns = _ordered_columns([c for row in rows for c in row] + list(BASE_COLUMNS))
     frame = pd.DataFrame(rows, columns=columns)
-    for name in ("values_0", "values_1", "duration_s") + OBJECTIVES + ("constraint", "speedup",
-                                                                       "baseline_latency_ms"):
+    for name in ("values_0", "values_1", "duration_s") + OBJECTIVES + CONFIRMED_FIELDS + (
+            "constraint", "speedup", "baseline_latency_ms", "accuracy_drop_ci_low", "accuracy_drop_ci_high"):
         if name in frame:
             frame[name] = pd.to_numeric(frame[name], errors="coerce")
     return frame

@@ -16,14 +16,21 @@ import pandas as pd
 
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.search.reference import NOISY_ATTR, study_reference, truthy
-from dsm_tune.search.results import json_safe
+from dsm_tune.search.results import CONFIRMED_FIELDS, confirmed_scores, json_safe
 
 # Trial metrics copied into the frozen document, in the order a reader wants them.
 # latency_ms = baseline_latency_ms (the study's dense reference) / speedup; the *_measured_ms are the trial's raw
 # interleaved medians (see `dsm_tune.search.reference`).
-FROZEN_METRIC_KEYS = ("metric", "metric_value", "accuracy_drop", "latency_ms", "latency_iqr_ms",
+FROZEN_METRIC_KEYS = ("metric", "metric_value", "accuracy_drop", "accuracy_drop_ci_low", "accuracy_drop_ci_high",
+                      *CONFIRMED_FIELDS, "latency_ms", "latency_iqr_ms",
                       "baseline_latency_ms", "speedup", "speedup_iqr", NOISY_ATTR, "latency_measured_ms",
                       "baseline_measured_ms", "baseline_latency_iqr_ms", "flops_ratio", "tokens_kept", "num_images")
+
+# Which drop the limit rules compare: the confirmed drop (images the search never saw; the default), its interval's
+# upper bound (`--conservative`), or the search drop (the figure the search optimised, biased low by selection).
+BASES = ("confirmed", "conservative", "search")
+_BASIS_COLUMN = {"confirmed": "confirmed_drop", "conservative": "confirmed_drop_ci_high", "search": "accuracy_drop"}
+
 
 class SelectionError(DSMTuneError):
     """A selection rule or trial reference is malformed."""
@@ -74,15 +81,19 @@ def measured_trials(df: pd.DataFrame) -> pd.DataFrame:
     state = df["state"].astype(str)
     table = pd.DataFrame({"number": df["number"].astype(int), "state": state, "accuracy_drop": drop,
                           "latency_ms": latency, "speedup": speedup, "aborted": _bool_column(df, "aborted"),
-                          "noisy": _bool_column(df, NOISY_ATTR)})
+                          "noisy": _bool_column(df, NOISY_ATTR),
+                          **{name: numeric_column(df, name) for name in CONFIRMED_FIELDS}})
     usable = ((table["state"] == "COMPLETE") & ~table["aborted"]
               & table["accuracy_drop"].map(math.isfinite) & table["latency_ms"].map(math.isfinite))
     return table[usable]
 
 
 def _figures(row: Mapping[str, Any]) -> str:
-    return (f"drop {row['accuracy_drop']:.3g}, {row['latency_ms']:.4g} ms, "
-            f"speedup {row['speedup']:.3g}x")
+    confirmed = row.get("confirmed_drop")
+    return (f"drop {row['accuracy_drop']:.3g}"
+            + (f" (confirmed {confirmed:.3g}, upper bound {row['confirmed_drop_ci_high']:.3g})"
+               if isinstance(confirmed, float) and math.isfinite(confirmed) else "")
+            + f", {row['latency_ms']:.4g} ms, speedup {row['speedup']:.3g}x")
 
 
 # --- the rule ------------------------------------------------------------------------------------------------
@@ -95,6 +106,10 @@ class Rule:
     - `min_speedup=Y`: the most accurate trial at least Y times faster than dense (within X when also given);
     - `trial=N`: that trial, whatever its figures.
 
+    `basis` says which drop the limit is compared with (BASES): with "confirmed" or "conservative", only trials
+    confirmed on the held-out images compete; a study with no confirmed trial falls back to the search drop
+    (`effective_basis` says which was used).
+
     The rules choose among trials with a trustworthy speedup only: a trial flagged `speedup_noisy` (its interleaved
     pairs disagreed even when timed again) is taken by `trial=N` alone.
     """
@@ -102,8 +117,11 @@ class Rule:
     max_accuracy_drop: float | None = None
     min_speedup: float | None = None
     trial: int | None = None
+    basis: str = "confirmed"
 
     def __post_init__(self) -> None:
+        if self.basis not in BASES:
+            raise SelectionError(f"unknown selection basis {self.basis!r}; choose one of {', '.join(BASES)}")
         if self.trial is not None and (self.max_accuracy_drop is not None or self.min_speedup is not None):
             raise SelectionError("choose a trial either by number (--trial) or by a rule, not both")
         if self.trial is not None and (isinstance(self.trial, bool) or not isinstance(self.trial, int)
@@ -119,16 +137,28 @@ class Rule:
             return f"trial {self.trial}"
         limit = self.max_accuracy_drop if self.max_accuracy_drop is not None else (
             None if self.min_speedup is not None else study_max_drop)
-        within = f"accuracy drop <= {limit:g}" if limit is not None else ""
+        drop = {"confirmed": "confirmed accuracy drop", "conservative": "confirmed drop's 95% upper bound",
+                "search": "accuracy drop"}[self.basis] if self.min_speedup is None else "accuracy drop"
+        within = f"{drop} <= {limit:g}" if limit is not None else ""
         if self.min_speedup is not None:
             return f"most accurate with speedup >= {self.min_speedup:g}x" + (f" and {within}" if within else "")
         return f"fastest with {within}"
+
+
+def effective_basis(df: pd.DataFrame, rule: Rule) -> str:
+    """The basis `rule` uses on `df`: its own, or "search" when no trial of the study was confirmed (a study made
+    with --confirm 0, or before confirmation existed), or for the rules the basis does not apply to."""
+    if rule.trial is not None or rule.min_speedup is not None or rule.basis == "search":
+        return "search"
+    confirmed = numeric_column(df, "confirmed_drop")
+    return rule.basis if confirmed.notna().any() else "search"
 
 
 def pick_winner(df: pd.DataFrame, rule: Rule, study_max_drop: float | None) -> int:
     """The trial number `rule` chooses in `df` (a trials frame); NoWinnerError names the closest trial."""
     if rule.trial is not None:
         return _check_named_trial(df, rule.trial)
+    basis = effective_basis(df, rule)
     measured = measured_trials(df)
     noisy = int(measured["noisy"].sum())
     measured = measured[~measured["noisy"]]
@@ -144,12 +174,22 @@ def pick_winner(df: pd.DataFrame, rule: Rule, study_max_drop: float | None) -> i
             raise SelectionError("the study has no max_accuracy_drop: give --max-accuracy-drop, --min-speedup "
                                  "or --trial")
 
-    within_drop = measured if limit is None else measured[measured["accuracy_drop"] <= limit]
+    column = _BASIS_COLUMN[basis]
+    if basis != "search":
+        unconfirmed = int(measured[column].isna().sum())
+        measured = measured[measured[column].notna()]
+        if measured.empty:
+            raise NoWinnerError(f"no measured trial was confirmed on held-out images{left_out}")
+        left_out += (f"; chosen among the {len(measured)} trial(s) confirmed on held-out images "
+                     f"({unconfirmed} unconfirmed; --on-search chooses on search figures)")
+    within_drop = measured if limit is None else measured[measured[column] <= limit]
     if rule.min_speedup is None:
         if within_drop.empty:
-            closest = measured.sort_values(["accuracy_drop", "latency_ms", "number"]).iloc[0]
+            closest = measured.sort_values([column, "latency_ms", "number"]).iloc[0]
+            what = {"search": "an accuracy drop", "confirmed": "a confirmed accuracy drop",
+                    "conservative": "a confirmed drop whose 95% upper bound is"}[basis]
             raise NoWinnerError(
-                f"no trial has an accuracy drop <= {limit:g} ({len(measured)} measured); closest: "
+                f"no trial has {what} <= {limit:g} ({len(measured)} measured); closest: "
                 f"trial {int(closest['number'])} ({_figures(closest)}){left_out}", int(closest["number"]))
         best = within_drop.sort_values(["latency_ms", "accuracy_drop", "number"]).iloc[0]
         return int(best["number"])
@@ -211,15 +251,23 @@ def _study_trial(study: Any, number: int) -> Any:
     raise NoWinnerError(f"trial {number} does not exist in study {study.study_name!r}")
 
 
-def freeze_trial(study: Any, number: int):
-    """The full frozen config for trial `number` of a dsm-tune study: merge, model, target, metrics, provenance."""
+def selection_record(df: pd.DataFrame, rule: Rule, study_max_drop: float | None) -> dict[str, Any]:
+    """What a frozen config records of how it was chosen (metrics `selection`)."""
+    return {"rule": rule.describe(study_max_drop) if effective_basis(df, rule) == rule.basis or rule.trial is not None
+            or rule.min_speedup is not None else Rule(rule.max_accuracy_drop, basis="search").describe(study_max_drop),
+            "basis": effective_basis(df, rule)}
+
+
+def freeze_trial(study: Any, number: int, selection: Mapping[str, Any] | None = None):
+    """The full frozen config for trial `number` of a dsm-tune study: merge, model, target, metrics, provenance.
+    `selection` (see `selection_record`) says how it was chosen."""
     from dsm_tune.merging import DSMConfig, token_schedule
 
     trial = _study_trial(study, number)
     if trial.state.name != "COMPLETE":
         raise NoWinnerError(f"trial {number} is {trial.state.name}, not COMPLETE; only measured trials can be exported")
     study_attrs, reference = study.user_attrs, study_reference(study)
-    attrs = reference.figures(trial.user_attrs)
+    attrs = {**reference.figures(trial.user_attrs), **confirmed_scores(study.user_attrs).get(number, {})}
     for key, holder, where in (("config", attrs, f"trial {number}"), ("fingerprint", study_attrs, "the study"),
                                ("spec", study_attrs, "the study")):
         if key not in holder:
@@ -237,6 +285,8 @@ def freeze_trial(study: Any, number: int):
     metrics["baseline"] = {**dense, "latency_ms": reference.latency_ms, "dense_timings": reference.timings,
                            "first_latency_ms": reference.first_ms}
     metrics["max_accuracy_drop"] = spec.get("max_accuracy_drop")
+    if selection is not None:
+        metrics["selection"] = dict(selection)
     metrics["tokens_per_block"] = list(token_schedule(config))
     completed = trial.datetime_complete
     provenance = {
@@ -248,6 +298,9 @@ def freeze_trial(study: Any, number: int):
         "torch": versions.get("torch"),
         "data": spec.get("data"),
         "limit": spec.get("limit"),
+        "data_order": spec.get("data_order", "class-prefix"),
+        "confirm": spec.get("confirm", 0.0),
+        "confirm_data": spec.get("confirm_data"),
         "data_fingerprint": study_attrs.get("data_fingerprint"),
         "search_space": spec.get("space"),
         "measured": completed.isoformat(timespec="seconds") if completed else None,
