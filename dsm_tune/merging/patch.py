@@ -64,25 +64,78 @@ def check_fits(model: nn.Module, config: DSMConfig) -> None:
         config.replace(model=actual)  # validates stage coverage and depth against this model
 
 
+# How the proportional-attention bias reaches scaled_dot_product_attention (no field of the frozen config: both
+# ways compute the same attention, they differ only in which kernels may run it):
+#   "fused"  - the bias rides in an extra query/key column, so no mask is passed. CUDA's flash kernel takes no
+#              mask at all, so this is the way a merged model keeps the kernel the dense one runs.
+#   "masked" - the bias is a float attn_mask. CPU's flash kernel takes a mask, and on the CPU the extra columns
+#              are only more work; on CUDA a mask rules flash out (efficient or math kernel instead).
+#   "auto"   - "fused" for CUDA tensors, "masked" elsewhere.
+PROPORTIONAL_ATTENTION_MODES = ("auto", "fused", "masked")
+_proportional_attention_mode = "auto"
+# Flash and the memory-efficient kernels want head dims in multiples of 8 (16-byte rows in half precision).
+_HEAD_DIM_ALIGNMENT = 8
+
+
+def proportional_attention_mode() -> str:
+    return _proportional_attention_mode
+
+
+def set_proportional_attention_mode(mode: str) -> str:
+    """Choose how the log-size bias reaches SDPA for every patched model ("auto", "fused", "masked"); returns the
+    previous mode. A compiled model recompiles on its next call after a change (dynamo guards the global)."""
+    global _proportional_attention_mode
+    if mode not in PROPORTIONAL_ATTENTION_MODES:
+        raise ValueError(f"proportional attention mode must be one of {', '.join(PROPORTIONAL_ATTENTION_MODES)}, "
+                         f"got {mode!r}")
+    previous, _proportional_attention_mode = _proportional_attention_mode, mode
+    return previous
+
+
+def _uses_bias_columns(q: torch.Tensor) -> bool:
+    mode = _proportional_attention_mode
+    return mode == "fused" or (mode == "auto" and q.is_cuda)
+
+
+def _fused_size_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_sizes: torch.Tensor,
+                          scale: float, dropout_p: float) -> torch.Tensor:
+    """softmax(q.k * scale + log s) @ v with no mask: q gains a column of ones and k a column of log(s) / scale,
+    so q'.k' * scale = q.k * scale + log s exactly; zero columns pad q, k and v to a multiple of 8 (flash needs
+    all three at one head dim) and the output is cut back to v's head dim.
+
+    The constant sits on q rather than 1/scale: 1.0 is exact in every dtype, leaving one rounding (of
+    log s / scale) as the masked path has one (of log s)."""
+    batch, heads, count, head_dim = q.shape
+    width = -(-(head_dim + 1) // _HEAD_DIM_ALIGNMENT) * _HEAD_DIM_ALIGNMENT
+    spare = width - head_dim - 1
+    bias = (log_sizes * (1.0 / scale)).to(k.dtype)[:, None, :, None].expand(batch, heads, count, 1)
+    ones = q.new_ones(1, 1, 1, 1).expand(batch, heads, count, 1)
+    zeros = q.new_zeros(1, 1, 1, spare).expand(batch, heads, count, spare)
+    q = torch.cat([q, ones, zeros], dim=-1)
+    k = torch.cat([k, bias, zeros], dim=-1)
+    v = F.pad(v, (0, width - head_dim))
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)[..., :head_dim]
+
+
 def _attention_with_keys(attention: nn.Module, x: torch.Tensor, log_sizes: torch.Tensor | None,
                          want_keys: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """timm's Attention.forward, plus the head-averaged keys and an additive log-size bias.
-
-    The bias goes to scaled_dot_product_attention as a float mask so the fused kernels stay in use.
-    """
+    """timm's Attention.forward, plus the head-averaged keys and an additive log-size bias (see
+    PROPORTIONAL_ATTENTION_MODES for how the bias reaches the fused kernels)."""
     batch, count, channels = x.shape
     gate = attention.gate(x).sigmoid() if getattr(attention, "gate", None) is not None else None
     qkv = attention.qkv(x).reshape(batch, count, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attention.q_norm(q), attention.k_norm(k)
-    mask = log_sizes[:, None, None, :] if log_sizes is not None else None
-    if attention.fused_attn:
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=attention.attn_drop.p if attention.training else 0.0)
+    dropout_p = attention.attn_drop.p if attention.training else 0.0
+    if attention.fused_attn and log_sizes is not None and _uses_bias_columns(q):
+        x = _fused_size_attention(q, k, v, log_sizes, attention.scale, dropout_p)
+    elif attention.fused_attn:
+        mask = log_sizes[:, None, None, :] if log_sizes is not None else None
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     else:
         scores = (q * attention.scale) @ k.transpose(-2, -1)
-        if mask is not None:
-            scores = scores + mask
+        if log_sizes is not None:
+            scores = scores + log_sizes[:, None, None, :]
         x = attention.attn_drop(scores.softmax(dim=-1)) @ v
     x = x.transpose(1, 2).reshape(batch, count, getattr(attention, "attn_dim", channels))
     x = attention.norm(x)
@@ -210,4 +263,5 @@ def applied_config(model: nn.Module) -> DSMConfig | None:
     return patch["config"] if patch else None
 
 
-__all__ = ["apply_dsm", "remove_dsm", "is_patched", "check_fits", "applied_config", "DSMBlockStack", "MergedTokens"]
+__all__ = ["apply_dsm", "remove_dsm", "is_patched", "check_fits", "applied_config", "DSMBlockStack", "MergedTokens",
+           "PROPORTIONAL_ATTENTION_MODES", "proportional_attention_mode", "set_proportional_attention_mode"]
