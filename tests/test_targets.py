@@ -8,7 +8,7 @@ import torch
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.evaluation.targets import Target, TargetError, available_targets, load_target
 
-GPU_PROFILES = {"a100": "A100", "h100": "H100", "l4": "L4", "t4": "T4", "v100": "V100"}
+GPU_PROFILES = {"a100": "A100", "h100": "H100", "h200": "H200", "l4": "L4", "t4": "T4", "v100": "V100"}
 
 
 def test_builtin_profiles():
@@ -47,7 +47,7 @@ def test_unknown_target_lists_the_known_ones():
     message = str(info.value)
     assert isinstance(info.value, DSMTuneError) and "\n" not in message
     assert "unknown target 'tpu'" in message
-    for name in ("cpu", "a100", "h100", "l4", "t4", "v100"):
+    for name in ("cpu", "a100", "h100", "h200", "l4", "t4", "v100"):
         assert name in message
 
 
@@ -103,3 +103,13 @@ def test_malformed_profiles_name_the_problem(tmp_path, body, problem):
 def test_override_is_validated():
     with pytest.raises(TargetError, match="batch_size"):
         load_target("cpu", batch_size=-4)
+
+
+def test_h200_matches_the_other_data_centre_gpus():
+    h200 = load_target("h200", check_available=False)
+    for other in ("a100", "h100"):
+        profile = load_target(other, check_available=False)
+        assert (h200.device, h200.dtype, h200.batch_size, h200.compile, h200.num_gpus) == (
+            profile.device, profile.dtype, profile.batch_size, profile.compile, profile.num_gpus)
+    assert h200.dtype == "bfloat16" and h200.batch_size == 64
+    assert h200.describe() == "h200 (cuda, bfloat16, batch 64, eager)"
