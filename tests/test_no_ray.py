@@ -166,7 +166,10 @@ def test_resume_after_the_process_is_stopped_mid_trial_loses_no_finished_trial(t
         # As with Ray: the running trial failed and queued again, the outputs written, exit code 130.
         assert code == 130 and result["interrupted"] and result["ray_imported"] is False, output
         assert stopped[0].state == TrialState.FAIL and "interrupted" in stopped[0].user_attrs["fail_reason"]
-        assert "1 unfinished trial(s) marked failed and queued again" in output
+        # The running trial and the one asked ahead for it; only the running one was being evaluated.
+        assert "2 unfinished trial(s) marked failed and queued again" in output
+        unfinished = [t for t in study.get_trials() if t.state == TrialState.FAIL]
+        assert len(unfinished) == 2 and [t.user_attrs.get(IN_PROCESS_ATTR) for t in unfinished].count(True) == 1
         assert len(pd.read_csv(tmp_path / "inproc" / "trials.csv")) == len(study.trials)
     else:
         assert code == -signal.SIGKILL and result is None
@@ -213,8 +216,15 @@ def test_a_config_that_ends_the_process_costs_only_its_trial(tmp_path):
     assert tried[0].user_attrs.get("queued_again") and not tried[1].user_attrs.get("queued_again")
     assert tried[1].user_attrs[KILLED_PROCESS_ATTR] is True
     assert "ended 2 times while evaluating this config in-process" in tried[1].user_attrs["fail_reason"]
-    failed = [t for t in study.get_trials() if t.state == TrialState.FAIL]
-    assert failed == tried, "no other trial was lost"
+    # The other failures are the trials asked ahead of each crash (never evaluated): queued again until measured.
+    victims = {t.number for t in tried}
+    others = [t for t in study.get_trials() if t.state == TrialState.FAIL and t.number not in victims]
+    assert len(others) <= 2 and all(IN_PROCESS_ATTR not in t.user_attrs for t in others)
+    copy_of = {t.user_attrs["requeued_from"]: t for t in study.get_trials() if "requeued_from" in t.user_attrs}
+    for trial in others:
+        while trial.state == TrialState.FAIL:
+            trial = copy_of[trial.number]
+        assert trial.state in SETTLED
     assert not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in study.get_trials())
 
     # The sampler proposing the same plan again (here: queued by hand) is not evaluated again (it would crash
