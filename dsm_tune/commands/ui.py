@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="interface to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output root holding mlflow.db (default: runs/)")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
+    parser.add_argument("--study", default=None,
+                        help="study whose front the printed URL opens (default: the latest study in the store)")
+    parser.add_argument("--no-browser", action="store_true",
+                        help="only print the URL (default: also open it in a browser when this is a terminal "
+                             "with a display)")
     add_mlflow_args(parser)
     parser.set_defaults(func=main)
 
@@ -70,9 +76,75 @@ def main(args: argparse.Namespace) -> int:
     if not is_loopback_address(args.host):
         print(f"dsm-tune: warning: binding the MLflow UI to {args.host} exposes every study on this network",
               file=sys.stderr)
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it); "
-          "Pareto-optimal trials: filter tags.pareto = 'true'")
+    base = f"http://{url_host(args.host)}:{args.port}"
+    url = base + "/#" + study_route(uri, args.study)
+    print(f"MLflow UI for {uri} at {base} (Ctrl-C stops it); Pareto-optimal trials: filter tags.pareto = 'true'\n"
+          f"The study's trials, accuracy drop vs latency: {url}", flush=True)
+    if not args.no_browser and can_open_browser():
+        threading.Thread(target=open_when_up, args=(url, url_host(args.host), args.port), daemon=True).start()
     return serve(command)
+
+
+def url_host(host: str) -> str:
+    """Where a browser on this machine reaches a server bound to `host`."""
+    if host in ("", "0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def study_route(uri: str, study: str | None) -> str:
+    """The UI route of a study's runs and charts (its saved front view); "/" when the store holds no study
+    (or cannot be read: the UI still serves whatever it holds). The latest study when `study` is None."""
+    from dsm_tune.search.tracking.runs import ROLE_TAG, STUDY_TAG, filter_literal, front_view_route
+
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        if not experiments:
+            return "/"
+        wanted = f"tags.`{ROLE_TAG}` = 'study'"
+        if study is not None:
+            wanted += f" AND tags.`{STUDY_TAG}` = {filter_literal(study)}"
+        runs = client.search_runs(experiments, filter_string=wanted, max_results=1,
+                                  order_by=["attributes.start_time DESC"])
+    except Exception as exc:   # a store this MLflow cannot read: the UI will say why
+        print(f"dsm-tune: warning: cannot look up the study in {uri} ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return "/"
+    if not runs:
+        if study is not None:
+            print(f"dsm-tune: warning: no study {study!r} in {uri}", file=sys.stderr)
+        return "/"
+    run = runs[0]
+    return front_view_route(run.info.experiment_id, run.data.tags.get(STUDY_TAG))
+
+
+def can_open_browser() -> bool:
+    """A person at a terminal with somewhere to show a page (not a test, a pipe or an ssh session without X)."""
+    if not sys.stdout.isatty():
+        return False
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
+
+
+def open_when_up(url: str, host: str, port: int, timeout_s: float = 120.0) -> None:
+    """Open `url` once the server accepts connections (MLflow takes seconds to start)."""
+    import socket
+    import webbrowser
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host.strip("[]"), port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        return
+    webbrowser.open(url)
 
 
 def serve(command: list[str]) -> int:
