@@ -17,6 +17,7 @@ is caught and reported as one warning line; the trial's payload is queued in mem
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -24,9 +25,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from dsm_tune.search.folder import StudyFolder
-from dsm_tune.search.tracking.records import TrackingError, mlflow_payload, tag_value
+from dsm_tune.search.tracking.records import TrackingError, finite_metric, mlflow_payload, tag_value
 from dsm_tune.search.tracking.runs import (
-    ROLE_TAG, RUN_STATUS_OF_STATE, STUDY_TAG, ChildRuns, closing_figures, model_and_target, parent_tags,
+    EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, FRONT_IMAGE_KEY, FRONT_TABLE, LOGGED_ARTIFACTS_TAG, ROLE_TAG,
+    RUN_STATUS_OF_STATE, STUDY_TAG, ChildRuns, closing_figures, front_table, front_view, model_and_target,
+    parent_tags,
 )
 from dsm_tune.search.tracking.spool import Spool
 
@@ -170,12 +173,14 @@ class MlflowTracker:
             log.warning("dsm-tune: warning: MLflow at %s is still unreachable; %d trial(s) stay queued in %s and "
                         "are logged when the study is resumed", self.uri, len(self._pending), self._spool.path)
             return
+        records = list(records)
         try:
             with _bounded_http_retries():
                 self._queue_missing(records)
                 self._flush_pending()
                 self._children.tag_pareto(set(int(n) for n in pareto_trial_numbers))
                 self._upload_artifacts(self.study_dir)
+                self._log_front(pareto_trial_numbers, records)
                 self._close_parent(pareto_trial_numbers)
         except Exception as exc:
             self._went_offline("finishing the study", exc)
@@ -190,8 +195,10 @@ class MlflowTracker:
             number = int(record["number"])
             if record.get("state") not in RUN_STATUS_OF_STATE or number in self._pending:
                 continue
-            if self._children is None or not self._children.finished(number):
-                self._pending[number] = mlflow_payload(record)
+            payload = mlflow_payload(record)
+            # A finished child too, when it lacks figures set after it was logged (the confirmation).
+            if self._children is None or self._children.lacks(payload):
+                self._pending[number] = payload
 
     # --- the connection -------------------------------------------------------------------------------------------
     @property
@@ -245,12 +252,14 @@ class MlflowTracker:
                             stored, self.study_name, self.uri)
             else:
                 self.parent_run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+                self._tag_experiment()
                 if run.info.status != "RUNNING":
                     self.client.update_run(self.parent_run_id, status="RUNNING")
                 self._log_parent_tags()
                 self._children = ChildRuns.find(self.client, self.experiment_id, self.parent_run_id, self.study_name)
                 return
         self.experiment_id = self._experiment_id()
+        self._tag_experiment()
         run = self.client.create_run(self.experiment_id, run_name=self.study_name,
                                      tags={ROLE_TAG: "study", STUDY_TAG: self.study_name})
         self.parent_run_id = run.info.run_id
@@ -267,6 +276,13 @@ class MlflowTracker:
             return experiment.experiment_id
         root = local_artifact_root(self.uri)
         return self.client.create_experiment(name, artifact_location=root.resolve().as_uri() if root else None)
+
+    def _tag_experiment(self) -> None:
+        """The experiment kind (so MLflow 3 shows runs, not GenAI traces) and this study's saved front view, on
+        a new experiment and on one reused from earlier studies alike."""
+        key, view = front_view(self.study_name, int(time.time() * 1000))
+        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        self.client.set_experiment_tag(self.experiment_id, key, view)
 
     def _log_parent_tags(self) -> None:
         from mlflow.entities import RunTag
@@ -293,6 +309,42 @@ class MlflowTracker:
         self._spool.write(self._pending)
 
     # --- artifacts --------------------------------------------------------------------------------------------
+    def _log_front(self, pareto_numbers: list[int], records: list[Mapping[str, Any]]) -> None:
+        """The front as a table the artifact view renders (`pareto_front.json`) and pareto.png as a logged image
+        of the parent (its charts show it), beside the pareto.png artifact."""
+        import tempfile
+
+        import pandas as pd
+
+        limit = (self._attrs.get("spec") or {}).get("max_accuracy_drop")
+        table = pd.DataFrame(front_table(records, pareto_numbers, finite_metric(limit)))
+        # MLflow's own log_table appends to an existing table: a resumed study's front would hold old rows too.
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / FRONT_TABLE
+            table.to_json(path, orient="split", index=False)
+            self.client.log_artifact(self.parent_run_id, str(path))
+        logged = json.loads(self.client.get_run(self.parent_run_id).data.tags.get(LOGGED_ARTIFACTS_TAG) or "[]")
+        entry = {"path": FRONT_TABLE, "type": "table"}
+        if entry not in logged:
+            self.client.set_tag(self.parent_run_id, LOGGED_ARTIFACTS_TAG, json.dumps([*logged, entry]))
+        self._log_front_image(len(self._children.runs))
+
+    def _log_front_image(self, step: int) -> None:
+        from dsm_tune.search.plots import PNG_NAME
+
+        png = self.study_dir / PNG_NAME
+        if not png.is_file():
+            return
+        # One image per step (trials logged): a second end_study of the same study (`sync`) adds none.
+        marker = f"{FRONT_IMAGE_KEY}+step+{step}+"
+        if any(a.path.split("/")[-1].startswith(marker) for a in self.client.list_artifacts(self.parent_run_id,
+                                                                                              "images")):
+            return
+        from PIL import Image
+
+        with Image.open(png) as image:
+            self.client.log_image(self.parent_run_id, image.convert("RGB"), key=FRONT_IMAGE_KEY, step=step)
+
     def _upload_artifacts(self, study_dir: Path) -> None:
         if self.parent_run_id is None:
             return
