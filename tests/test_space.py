@@ -220,3 +220,53 @@ def test_all_shipped_files_are_known_to_the_pattern_list():
     listed = {stem for _, stem in SPACE_PATTERNS} | {GENERIC_SPACE}
     assert {p.stem for p in SPACES_DIR.glob("*.yaml")} == listed
     assert {p.stem for p in SAMPLED_DIR.glob("*.yaml")} == listed
+
+
+GPU_CHOICE_YAML = """
+start_layer: [0, 2]
+budget: [0.0, 0.9]
+proportional_attention: [true]
+proportional_attention_gpu: [true, false]
+"""
+
+
+@pytest.mark.parametrize("target, expected", [
+    (None, (True,)), ("cpu", (True,)), ("ort-cpu", (True,)), ("a100", (True, False)), ("h200", (True, False)),
+])
+def test_gpu_targets_take_the_gpu_proportional_attention_choices(target, expected):
+    space = parse_space(GPU_CHOICE_YAML, DEMO, Path("gpu.yaml"), target=target)
+    assert space.proportional_attention == expected
+    # The axis reaches the sampler: on a GPU target both values are asked for.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {space.suggest(study.ask()).proportional_attention for _ in range(20)}
+    assert seen == set(expected)
+
+
+def test_gpu_choice_from_a_target_file(tmp_path):
+    profile = tmp_path / "box.yaml"
+    profile.write_text("box: {device: 'cuda:1', dtype: bfloat16, batch_size: 8, compile: false, "
+                       "ray_resources: {}, num_gpus: 1}\n")
+    assert parse_space(GPU_CHOICE_YAML, DEMO, target=str(profile)).proportional_attention == (True, False)
+
+
+def test_a_space_without_the_gpu_key_is_the_same_on_every_target():
+    text = GPU_CHOICE_YAML.replace("proportional_attention_gpu: [true, false]\n", "")
+    assert parse_space(text, DEMO, target="h100").proportional_attention == (True,)
+    # Without the key the target is not even resolved (a stand-in study's made-up target stays harmless).
+    assert parse_space(text, DEMO, target="no-such-target").proportional_attention == (True,)
+
+
+def test_bad_gpu_choices_fail_on_the_cpu_too():
+    with pytest.raises(SpaceError, match="'proportional_attention_gpu'.*true, false") as info:
+        parse_space(GPU_CHOICE_YAML.replace("[true, false]", "[maybe]"), DEMO, Path("gpu.yaml"), target="cpu")
+    assert "\n" not in str(info.value) and "gpu.yaml" in str(info.value)
+
+
+def test_shipped_spaces_keep_the_bias_on_the_cpu_and_let_gpus_drop_it():
+    for name, fingerprint in MODELS:
+        cpu = load_space(None, name, fingerprint, target="cpu")
+        gpu = load_space(None, name, fingerprint, target="h200")
+        assert set(gpu.proportional_attention) == {True, False}, name
+        if name != "demo":   # the demo has tried both everywhere since issue 8
+            assert cpu.proportional_attention == (True,), name
+            assert load_space(None, name, fingerprint).proportional_attention == (True,), name

@@ -20,6 +20,7 @@ Keys of a space file (ranges are `[low, high]`, inclusive, or a single value to 
     ratio_step: 0.01                # grid of the sampled ratios (default 0.01)
     stage_split: [0.0, 1.0]         # share of the unassigned blocks a stage takes (default [0, 1])
     proportional_attention: [true, false]
+    proportional_attention_gpu: [true, false]   # replaces the line above when the study's target is a CUDA GPU
     constraints: {min_tokens_kept: 0.05}   # configs keeping fewer patch tokens are not measured (PRUNED)
     description: free text
 """
@@ -45,6 +46,9 @@ from dsm_tune.search.shapes import BUDGET_PARAM, Shape, compile_schedule
 _INSTALLED_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 SPACES_DIR = _INSTALLED_SPACES if _INSTALLED_SPACES.is_dir() else Path(__file__).resolve().parents[2] / "search_spaces"
 GENERIC_SPACE = "generic"
+# On a CUDA target the proportional-attention choices may differ from the CPU's: there the bias costs more (extra
+# kernel work and launches per merged block) and the trade-off is the target's to measure.
+GPU_PROPORTIONAL_KEY = "proportional_attention_gpu"
 
 # The one list that picks a space file from a model name (alias, timm name or fingerprint name), first match wins.
 SPACE_PATTERNS: tuple[tuple[str, str], ...] = (
@@ -58,7 +62,7 @@ SPACE_PATTERNS: tuple[tuple[str, str], ...] = (
 )
 
 COMMON_KEYS = {"description", "start_layer", "start_layer_fraction", "hierarchy_depth", "proportional_attention",
-               "constraints"}
+               GPU_PROPORTIONAL_KEY, "constraints"}
 # A sampled space: every stage's ratio and split is its own parameter (the first spaces; still accepted).
 SAMPLED_KEYS = {"num_stages", "stage_ratio", "ratio_step", "stage_split"}
 # A traced space: a shape (where and how merging is spread) and a budget (how much), see search/shapes.py.
@@ -435,10 +439,11 @@ def space_file_for(model_name: str, fingerprint: ModelFingerprint | None = None,
     return spaces_dir / f"{GENERIC_SPACE}.yaml"
 
 
-def load_space(path: str | Path | None, model_name: str, fingerprint: ModelFingerprint) -> SearchSpace:
+def load_space(path: str | Path | None, model_name: str, fingerprint: ModelFingerprint,
+               target: str | None = None) -> SearchSpace:
     """Read and check a search space for this model; `path` None picks `search_spaces/<family>.yaml`."""
     source = Path(path) if path is not None else space_file_for(model_name, fingerprint)
-    return parse_space(read_space_file(source), fingerprint, source)
+    return parse_space(read_space_file(source), fingerprint, source, target=target)
 
 
 def read_space_file(source: Path) -> str:
@@ -483,12 +488,15 @@ def precheck_space(text: str, source: Path = Path("<space>")) -> None:
     _read_mapping(text, source.name or str(source))
 
 
-def parse_space(text: str, fingerprint: ModelFingerprint,
-                source: Path = Path("<space>")) -> "SearchSpace | TracedSpace":
-    """A `TracedSpace` when the file gives a `budget`, else a `SearchSpace` (per-stage sampled ratios)."""
+def parse_space(text: str, fingerprint: ModelFingerprint, source: Path = Path("<space>"),
+                target: str | None = None) -> "SearchSpace | TracedSpace":
+    """A `TracedSpace` when the file gives a `budget`, else a `SearchSpace` (per-stage sampled ratios).
+
+    `target`: the study's target profile (name or .yaml path); on a CUDA target `proportional_attention_gpu`,
+    when the file has it, replaces `proportional_attention`. None: the CPU choices."""
     where = source.name if source.name else str(source)
     data = _read_mapping(text, where)
-    parser = _SpaceParser(where, data, fingerprint)
+    parser = _SpaceParser(where, data, fingerprint, gpu=GPU_PROPORTIONAL_KEY in data and _is_gpu_target(target))
     return parser.parse_traced(source) if is_traced(data) else parser.parse(source)
 
 
@@ -496,11 +504,20 @@ def is_traced(data: Mapping[str, Any]) -> bool:
     return "budget" in data
 
 
+def _is_gpu_target(target: str | None) -> bool:
+    if target is None:
+        return False
+    from dsm_tune.evaluation.targets import load_target
+
+    return load_target(target, check_available=False).is_cuda
+
+
 class _SpaceParser:
-    def __init__(self, where: str, data: Mapping[str, Any], fingerprint: ModelFingerprint):
+    def __init__(self, where: str, data: Mapping[str, Any], fingerprint: ModelFingerprint, gpu: bool = False):
         self.where = where
         self.data = data
         self.fp = fingerprint
+        self.gpu = gpu
 
     def fail(self, key: str, message: str) -> SpaceError:
         return SpaceError(f"{self.where}: key {key!r}: {message}")
@@ -650,7 +667,12 @@ class _SpaceParser:
         return tuple(ranges)
 
     def proportional_attention(self) -> tuple[bool, ...]:
-        key = "proportional_attention"
+        cpu = self._booleans("proportional_attention")
+        # The GPU list is checked on every target, so a typo in it fails on the CPU too, not first on a GPU host.
+        gpu = self._booleans(GPU_PROPORTIONAL_KEY) if GPU_PROPORTIONAL_KEY in self.data else None
+        return gpu if self.gpu and gpu is not None else cpu
+
+    def _booleans(self, key: str) -> tuple[bool, ...]:
         value = self.data.get(key, [True, False])
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         if not items or not all(isinstance(v, bool) for v in items):

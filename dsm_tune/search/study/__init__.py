@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 import optuna
 
@@ -130,6 +130,7 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | No
     precheck_space(space_text, space_source)
     progress = Progress(total=spec.trials, max_drop=spec.max_accuracy_drop, stream=stream)
     session = StudySession(spec, progress, tracker if tracker is not None else _make_tracker(spec), resumed)
+    session.confirmer = _confirmer(spec, evaluator_factory)
     spent = None
     if resumed:
         session.open()
@@ -139,7 +140,7 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | No
     # The default evaluator's inputs are checked here, before Ray and before the study is announced.
     checked = preflight(spec) if evaluator_factory is None and spent is None else None
     if checked is not None and checked.fingerprint is not None:
-        parse_space(space_text, checked.fingerprint, space_source)
+        parse_space(space_text, checked.fingerprint, space_source, target=spec.target)
     progress.message(f"dsm-tune: {'resuming' if resumed else 'starting'} study {spec.study!r} in {folder.path} "
                      f"({spec.model} on {spec.target}, "
                      f"{'in-process, no Ray' if spec.no_ray else f'{spec.workers} worker(s)'}, sampler {spec.sampler})")
@@ -175,7 +176,7 @@ def _run_workers(spec: StudySpec, session: StudySession, factory: Callable[[], E
             pool = WorkerPool(factory, spec.workers, placement)
         info = _wait_first_worker(pool, progress)
         fingerprint = ModelFingerprint.from_dict(info.fingerprint)
-        space = parse_space(space_file[0], fingerprint, space_file[1])
+        space = parse_space(space_file[0], fingerprint, space_file[1], target=spec.target)
         session.open()
         session.record_setup(info, fingerprint, space_file[0])
         session.prepare(space)
@@ -206,6 +207,18 @@ def _run_loop(loop: Loop, progress: Progress, session: StudySession) -> bool:
     finally:
         progress.close()
         session.study.set_user_attr("elapsed_s", round(loop.elapsed(), 3))
+
+
+def _confirmer(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | None) -> Callable[[], Any] | None:
+    """What scores the front on the held-out images: the real model for the default evaluator, the factory's own
+    `confirmer` for another (a stand-in), none when the study holds no images out."""
+    if not spec.confirms:
+        return None
+    if evaluator_factory is not None:
+        return getattr(evaluator_factory, "confirmer", None)
+    from dsm_tune.search.confirmation import scorer_factory_for
+
+    return scorer_factory_for(spec.to_dict(), str((spec.out / "cache").resolve()))
 
 
 def _make_tracker(spec: StudySpec) -> Tracker:
