@@ -52,6 +52,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsm-tune: error: `dsm-tune {args.command}` needs the tuner's packages ({exc.name} is not installed): "
               "pip install 'dsm-tune[tune]'", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # A full disk (or a read-only one) is the user's to fix wherever it surfaces, never a traceback: the
+        # study driver already says it in its own words (DiskFullError); this catches every other command.
+        from dsm_tune.search.diskspace import any_disk_full_error
+
+        error = any_disk_full_error(exc)
+        if error is None:
+            raise
+        print(f"dsm-tune: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from dsm_tune.errors import DSMTuneError
+from dsm_tune.errors import DiskFullError, DSMTuneError, disk_full_code
 from dsm_tune.evaluation.data import EvalData, head_classes
 from dsm_tune.evaluation.intervals import DropInterval, agreement_interval, mean_interval, top1_interval
 from dsm_tune.evaluation.models import model_identity, weights_digest
@@ -169,9 +169,15 @@ class AccuracyEvaluator:
         handle, tmp = tempfile.mkstemp(dir=self.cache_path.parent, prefix=".dense-", suffix=".tmp")
         os.close(handle)
         try:
-            torch.save({"format": _CACHE_FORMAT, "key": self.cache_key, "outputs": self.dense_outputs,
-                        "metric": self.metric, "data": self.data.description}, tmp)
+            # Through a Python file: torch's own writer reports a full disk as an opaque RuntimeError.
+            with open(tmp, "wb") as stream:
+                torch.save({"format": _CACHE_FORMAT, "key": self.cache_key, "outputs": self.dense_outputs,
+                            "metric": self.metric, "data": self.data.description}, stream)
             os.replace(tmp, self.cache_path)
+        except OSError as exc:
+            if disk_full_code(exc) is None:
+                raise
+            raise DiskFullError(str(self.cache_path), "the dense-output cache", disk_full_code(exc)) from exc
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -93,6 +93,8 @@ def write_atomically(path: Path | str, write: Callable[[Path], None], what: str 
     os.close(handle)
     temporary = Path(name)
     try:
+        # mkstemp makes the file private (0600); the file keeps the mode an ordinary open would give it.
+        os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         write(temporary)
         # Some file systems (NFS, delayed allocation) only report ENOSPC when the data reaches the disk.
         descriptor = os.open(temporary, os.O_RDONLY)
@@ -107,6 +109,12 @@ def write_atomically(path: Path | str, write: Callable[[Path], None], what: str 
         _raise_disk_full(exc, path, what)
         raise
     return path
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def write_text_atomically(path: Path | str, text: str, what: str | None = None) -> Path:

@@ -11,9 +11,23 @@ from typing import Iterator
 CHATTY_LOGGERS = ("ray._private.authentication", "mlflow.store.db.utils", "alembic")
 
 
+class _NoticeFile(logging.FileHandler):
+    """A notice that cannot be written (a full disk) is dropped: logging would print a traceback instead, and the
+    run says what filled the disk itself (search/diskspace.py)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            super().emit(record)
+        except OSError:
+            pass
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def chatter_to(log_file: Path) -> Iterator[None]:
-    handler = logging.FileHandler(log_file, delay=True)   # no file until something is said
+    handler = _NoticeFile(log_file, delay=True)   # no file until something is said
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     saved = []
     for name in CHATTY_LOGGERS:

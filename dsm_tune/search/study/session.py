@@ -6,18 +6,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, TextIO
+from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
 
 import optuna
 
+from dsm_tune.errors import DiskFullError, disk_full_code
 from dsm_tune.merging import ModelFingerprint
+from dsm_tune.search.diskspace import device_of, write_text_atomically
 from dsm_tune.search.folder import StudyError
 from dsm_tune.search.progress import Progress, format_duration
 from dsm_tune.search.reference import study_reference
 from dsm_tune.search.results import json_safe, pareto_numbers
 from dsm_tune.search.space import SearchSpace, replay_attrs
 from dsm_tune.search.study.dedup import SETTLED
-from dsm_tune.search.study.outputs import LiveOutputs, print_front, write_final_outputs
+from dsm_tune.search.study.outputs import DerivedWrites, LiveOutputs, print_front, write_final_outputs
 from dsm_tune.search.study.proposer import make_sampler
 from dsm_tune.search.study.spec import StudySpec, library_versions
 from dsm_tune.search.study.tell import DIRECTIONS, recover_stale
@@ -59,8 +61,13 @@ class StudySession:
         self.resumed = resumed
         self.study: optuna.Study | None = None
         self.storage: optuna.storages.RDBStorage | None = None
-        self.outputs = LiveOutputs(self.folder, spec.max_accuracy_drop, tracker)
+        # trials.csv, plots and MLflow while trials come in: a full disk there is warned about once (the storage
+        # is the record; the end of the run writes them again).
+        self.derived = DerivedWrites(progress.message)
+        self.outputs = LiveOutputs(self.folder, spec.max_accuracy_drop, tracker, derived=self.derived)
         self.tracking = False
+        # Builds the scorer of the held-out images (`search/confirmation.py`); None: the front is not confirmed.
+        self.confirmer: Callable[[], Any] | None = None
 
     def open(self) -> None:
         if self.study is not None:
@@ -72,7 +79,7 @@ class StudySession:
                                          sampler=make_sampler(spec.sampler, spec.seed, spec.workers))
         stored = self.study.user_attrs.get("spec") if self.resumed else None
         self.study.set_user_attr("spec", {**stored, **spec.budget()} if stored else spec.to_dict())
-        self.folder.spec_file.write_text(json.dumps(self.study.user_attrs["spec"], indent=2) + "\n")
+        write_text_atomically(self.folder.spec_file, json.dumps(self.study.user_attrs["spec"], indent=2) + "\n")
 
     def done_count(self) -> int:
         return sum(t.state in SETTLED for t in self.study.get_trials(deepcopy=False))
@@ -100,7 +107,7 @@ class StudySession:
         study.set_user_attr("data_fingerprint", info.data_fingerprint)
         study.set_user_attr("versions", library_versions())
         study.set_user_attr("elapsed_s", float(study.user_attrs.get("elapsed_s") or 0.0))
-        self.folder.space_copy.write_text(space_text)
+        write_text_atomically(self.folder.space_copy, space_text)
 
     def prepare(self, space: SearchSpace) -> None:
         recovered = recover_stale(self.study, self.storage)
@@ -137,7 +144,9 @@ class StudySession:
 
     def trial_told(self, frozen: optuna.trial.FrozenTrial) -> None:
         self.outputs.trial_told(self.study)
-        self.tracker.log_trial(trial_record(frozen))
+        # The tracker queues what MLflow did not take (its spool may find the disk full too): end_study logs
+        # every finished trial MLflow lacks, from the storage.
+        self.derived.attempt(lambda: self.tracker.log_trial(trial_record(frozen)))
         self._store_parent_id()
 
     def end_tracking(self, frame: Any) -> None:
@@ -148,11 +157,38 @@ class StudySession:
                     if t.state.is_finished()]
         self.tracker.end_study(pareto_numbers(frame), finished)
         self._store_parent_id()
+        self._check_tracker_space()
+
+    def _check_tracker_space(self) -> None:
+        """A tracker that ends with trials still queued because its store's disk is full: the run says so as a
+        full disk (the queue and the storage keep everything; a resume delivers it)."""
+        error = getattr(self.tracker, "last_error", None)
+        code = disk_full_code(error)
+        if code is None or not self.folder.pending_file.exists():
+            return
+        uri = str(getattr(self.tracker, "uri", ""))
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else self.folder.pending_file
+        raise DiskFullError(str(path), f"the MLflow store {uri}" if uri else "the MLflow store", code,
+                            device_of(path)) from error
 
     # the end ---------------------------------------------------------------------------------------------------
+    def confirm(self) -> None:
+        """Score the front's candidates on the held-out images; a failure there costs the confirmation only."""
+        from dsm_tune.errors import DSMTuneError
+        from dsm_tune.search.confirmation import confirm_front
+        from dsm_tune.search.results import trials_frame
+
+        try:
+            confirm_front(self.study, trials_frame(self.study), self.spec.max_accuracy_drop, self.confirmer,
+                          self.progress.message)
+        except DSMTuneError as exc:
+            self.progress.message(f"dsm-tune: the front was not confirmed: {exc}; `dsm-tune report` tries again")
+
     def finish(self, stream: TextIO, stopped_by: str, measured_now: int, interrupted: bool) -> StudyResult:
         spec, study = self.spec, self.study
         recover_stale(study, self.storage)   # only when the budget was spent with trials left running
+        if self.confirmer is not None and not interrupted:
+            self.confirm()
         final = write_final_outputs(study, self.folder, spec.max_accuracy_drop, self.progress)
         if self.tracking:
             self.tracker.refresh_artifacts(self.folder.path)

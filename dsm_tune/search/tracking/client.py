@@ -231,6 +231,7 @@ class MlflowTracker:
         return True
 
     def _went_offline(self, doing: str, exc: BaseException) -> None:
+        self.last_error = exc   # the driver tells a full disk from an outage by it (study/session.py)
         if self._offline_since is None:
             self._offline_since = time.monotonic()
             log.warning("dsm-tune: warning: MLflow at %s failed while %s (%s); trials are queued in %s and retried",

@@ -4,9 +4,10 @@ later run (or `dsm-tune sync`) delivers what an outage held back."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from dsm_tune.search.diskspace import write_text_atomically
 
 
 class Spool:
@@ -33,6 +34,7 @@ class Spool:
         if not pending:
             self.path.unlink(missing_ok=True)
             return
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text("".join(json.dumps(pending[n]) + "\n" for n in sorted(pending)))
-        os.replace(temporary, self.path)
+        # Whole or not at all: a full disk keeps the last good queue and raises DiskFullError (the storage still
+        # holds every trial, and end_study logs what MLflow lacks from it).
+        write_text_atomically(self.path, "".join(json.dumps(pending[n]) + "\n" for n in sorted(pending)),
+                              f"the MLflow queue {self.path.name}")
