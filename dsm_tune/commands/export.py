@@ -24,6 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-speedup", type=float, default=None, metavar="Y",
                         help="the most accurate trial at least Y times faster than dense")
     parser.add_argument("--trial", type=int, default=None, metavar="N", help="export trial N as it is")
+    basis = parser.add_mutually_exclusive_group()
+    basis.add_argument("--conservative", action="store_true",
+                       help="the drop limit holds for the upper bound of the confirmed drop's 95%% interval")
+    basis.add_argument("--on-search", action="store_true",
+                       help="choose on the search drop (biased low: the front was selected on those images) "
+                            "instead of the drop confirmed on held-out images (the default)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the JSON file to write")
     parser.add_argument("--onnx", type=Path, default=None, metavar="FILE",
                         help="also write the merged model as an ONNX graph at the target's batch size, the config "
@@ -48,12 +54,25 @@ def main(args: argparse.Namespace) -> int:
         require_onnx_packages("onnx", "onnxscript")
         if args.onnx.exists() and not args.force:
             raise ExportError(f"{args.onnx} already exists; pass --force to overwrite it")
-    rule = Rule(max_accuracy_drop=args.max_accuracy_drop, min_speedup=args.min_speedup, trial=args.trial)
+    from dsm_tune.search.confirmation import confirm_stored_study
+    from dsm_tune.search.folder import StudyFolder
+    from dsm_tune.search.select import effective_basis, selection_record
+
+    basis = "conservative" if args.conservative else "search" if args.on_search else "confirmed"
+    rule = Rule(max_accuracy_drop=args.max_accuracy_drop, min_speedup=args.min_speedup, trial=args.trial,
+                basis=basis)
+    if rule.trial is None:
+        confirm_stored_study(StudyFolder(Path(args.out), args.study), print)
     study = load_study(Path(args.out) / args.study)
     spec = study.user_attrs.get("spec") or {}
     study_max_drop = spec.get("max_accuracy_drop")
-    number = pick_winner(trials_frame(study), rule, study_max_drop)
-    frozen = freeze_trial(study, number)
+    frame = trials_frame(study)
+    number = pick_winner(frame, rule, study_max_drop)
+    if basis != "search" and effective_basis(frame, rule) == "search" and rule.trial is None \
+            and rule.min_speedup is None:
+        print(f"dsm-tune: study {args.study} has no confirmed trial (made with --confirm 0 or before "
+              f"confirmation existed): chosen on the search drop")
+    frozen = freeze_trial(study, number, selection_record(frame, rule, study_max_drop))
     text = frozen.to_json()
     load_config(text)  # what deployment will load must load: refuse before writing anything else
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -65,8 +84,11 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
     metrics = frozen.metrics or {}
-    print(f"exported trial {number} of study {args.study} ({rule.describe(study_max_drop)}): "
-          f"accuracy drop {metrics.get('accuracy_drop', float('nan')):.3f}, "
+    confirmed = metrics.get("confirmed_drop")
+    print(f"exported trial {number} of study {args.study} ({metrics['selection']['rule']}): "
+          f"accuracy drop {metrics.get('accuracy_drop', float('nan')):.3f}"
+          + (f" (confirmed {confirmed:.3f} on {metrics.get('confirmed_num_images')} held-out images)"
+             if isinstance(confirmed, (int, float)) else "") + ", "
           f"latency {metrics.get('latency_ms', float('nan')):.3f} ms, "
           f"speedup {metrics.get('speedup', float('nan')):.2f}x -> {output}")
     if args.onnx is not None:

@@ -30,7 +30,11 @@ def main(args: argparse.Namespace) -> int:
     from dsm_tune.search.results import trials_frame
     from dsm_tune.search.select import frame_column
 
+    from dsm_tune.search.confirmation import confirm_stored_study
+    from dsm_tune.search.select import Rule, effective_basis
+
     folder = StudyFolder(Path(args.out), args.study)
+    confirm_stored_study(folder, print)
     study = folder.load()
     df = trials_frame(study)
     spec = study.user_attrs.get("spec") or {}
@@ -54,7 +58,9 @@ def main(args: argparse.Namespace) -> int:
     if len(shown):
         print(format_trials(shown, max_drop, winner, front if args.all else ()))
         print()
-        legend = "* = what `dsm-tune export` picks by default (fastest within the limit)"
+        basis = effective_basis(df, Rule())
+        legend = ("* = what `dsm-tune export` picks by default (fastest whose "
+                  + ("confirmed drop" if basis == "confirmed" else "search drop") + " is within the limit)")
         print(legend + ("; P = on the Pareto front" if args.all else ""))
         if shown["noisy"].any():
             print(NOISY_LEGEND)

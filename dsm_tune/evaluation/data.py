@@ -193,31 +193,43 @@ def evaluation_order(labels: np.ndarray, limit: int | None, seed: int, order: st
 
 
 def split_positions(count: int, holdout: float) -> np.ndarray:
-    """Boolean mask over positions of an evaluation order: True for the held-out (confirmation) share.
-
-    Positions are held out evenly along the order (every 1/holdout-th), so both parts inherit the order's spread
-    over classes, and any prefix of either part is as balanced as a prefix of the whole."""
+    """Boolean mask over `count` positions: True for an evenly spread `holdout` share (every 1/holdout-th)."""
     if not 0.0 <= holdout < 1.0:
         raise DataError(f"--confirm must be a fraction in [0, 1), got {holdout!r}")
     positions = np.arange(count)
     return np.floor((positions + 1) * holdout) > np.floor(positions * holdout)
 
 
+def holdout_mask(labels: np.ndarray, holdout: float, seed: int) -> np.ndarray:
+    """Which images are held out of the search: a `holdout` share of every class (its images in seeded random
+    order), the remainders spread over the classes, so a one-image-per-class folder holds out a random share of
+    its classes. Independent of the evaluation order and of --limit, so a study's two parts never change."""
+    rng = np.random.default_rng([seed, 0x5EED])   # its own stream: the order's shuffles stay as they were
+    if (labels == UNLABELED).all():
+        sequence = rng.permutation(len(labels))
+    else:
+        classes = rng.permutation(np.unique(labels))
+        sequence = np.concatenate([rng.permutation(np.flatnonzero(labels == cls)) for cls in classes])
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[sequence[split_positions(len(sequence), holdout)]] = True
+    return mask
+
+
 def select_part(labels: np.ndarray, limit: int | None, seed: int, order: str = DEFAULT_ORDER,
                 part: str = "all", holdout: float = 0.0) -> np.ndarray:
     """Indices of one part of the data, in evaluation order, `limit` at most.
 
-    `part="search"` and `"confirm"` split the full evaluation order by `split_positions(holdout)` before the limit
-    is applied, so the two parts never share an image whatever the limit."""
+    `part="search"` and `"confirm"` split the images by `holdout_mask` before the order and the limit apply, so
+    the two parts never share an image whatever the limit, and each part's prefixes are balanced on their own."""
     if part not in PARTS:
         raise DataError(f"unknown data part {part!r}; choose one of {', '.join(PARTS)}")
-    full = evaluation_order(labels, None, seed, order)
-    if part != "all" and holdout > 0:
-        held = split_positions(len(full), holdout)
-        full = full[held] if part == "confirm" else full[~held]
-    elif part == "confirm":
-        full = full[:0]
-    return full[:limit] if limit is not None else full
+    if part == "all" or not holdout > 0:
+        chosen = evaluation_order(labels, None, seed, order) if part != "confirm" else np.zeros(0, dtype=np.int64)
+    else:
+        held = holdout_mask(labels, holdout, seed)
+        members = np.flatnonzero(held if part == "confirm" else ~held)
+        chosen = members[evaluation_order(labels[members], None, seed, order)]
+    return chosen[:limit] if limit is not None else chosen
 
 
 def _check_limit(limit: int | None) -> None:

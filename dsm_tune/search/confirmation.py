@@ -13,6 +13,7 @@ confirmation images changed scores again.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import pandas as pd
@@ -101,3 +102,31 @@ def scorer_factory_for(spec: Mapping[str, Any], cache_dir: str | None) -> Callab
                                confirm_data=confirm_data)
         return scorer
     return build
+
+
+def confirm_stored_study(folder: Any, say: Callable[[str], None]) -> None:
+    """`report`/`export`: confirm what the study's end did not (an interrupted study, a changed limit), under the
+    study's lock; a study that another process is running is left to it."""
+    from filelock import FileLock, Timeout
+
+    from dsm_tune.errors import DSMTuneError
+    from dsm_tune.search.results import trials_frame
+
+    study = folder.load()
+    spec = dict(study.user_attrs.get("spec") or {})
+    if not (spec.get("confirm_data") or float(spec.get("confirm") or 0.0) > 0):
+        return
+    lock = FileLock(str(folder.lock_file))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        say(f"dsm-tune: study {folder.name!r} is running: its front is confirmed when it ends")
+        return
+    try:
+        cache = str((Path(folder.out) / "cache").resolve())
+        confirm_front(study, trials_frame(study), float(spec.get("max_accuracy_drop") or 0.0),
+                      scorer_factory_for(spec, cache), say)
+    except DSMTuneError as exc:
+        say(f"dsm-tune: the front was not confirmed: {exc}")
+    finally:
+        lock.release()

@@ -22,6 +22,7 @@ class _Point:
     number: int
     drop: float
     speedup: float
+    drop_interval: tuple[float, float] | None = None   # 95% paired interval of the drop on the search images
 
 
 def format_duration(seconds: float) -> str:
@@ -62,7 +63,8 @@ class Progress:
             self.live = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def record(self, state: str, drop: float | None = None, latency: float | None = None,
-               speedup: float | None = None, number: int = -1, earlier: bool = False, noisy: bool = False) -> None:
+               speedup: float | None = None, number: int = -1, earlier: bool = False, noisy: bool = False,
+               drop_interval: tuple[float | None, float | None] | None = None) -> None:
         """One finished trial; `earlier` ones (from before a resume) do not count towards this session's pace."""
         if state == "FAIL":
             self.failed += 1
@@ -74,7 +76,9 @@ class Progress:
         if finite and drop <= self.max_drop:
             self.feasible += 1
             if state == "COMPLETE" and not noisy and speedup is not None and speedup > 0:
-                self._points.append(_Point(number, drop, speedup))
+                known = drop_interval is not None and all(
+                    v is not None and math.isfinite(v) for v in drop_interval)
+                self._points.append(_Point(number, drop, speedup, tuple(drop_interval) if known else None))
 
     @property
     def pareto_size(self) -> int:
@@ -85,6 +89,11 @@ class Progress:
     def best_speedup(self) -> float | None:
         speedups = [p.speedup for p in self._points if math.isfinite(p.speedup)]
         return max(speedups) if speedups else None
+
+    @property
+    def best_point(self) -> _Point | None:
+        finite = [p for p in self._points if math.isfinite(p.speedup)]
+        return max(finite, key=lambda p: p.speedup) if finite else None
 
     @property
     def best_latency_ms(self) -> float | None:
@@ -107,6 +116,12 @@ class Progress:
         best_text = f"{best:.2f}x" if best is not None else "-"
         if latency is not None:
             best_text += f" ({latency:.4g} ms)"
+        point = self.best_point
+        if point is not None:
+            # The drop behind the best speedup, with its interval: a point estimate alone hides how close to the
+            # limit it may really be.
+            best_text += f" drop {point.drop:.2f}" + (
+                f" [{point.drop_interval[0]:.2f}, {point.drop_interval[1]:.2f}]" if point.drop_interval else "")
         parts = [
             f"trials {self.done}/{self.total}",
             f"running {self.running}",

@@ -12,7 +12,8 @@ if TYPE_CHECKING:   # `measure` renders configs without importing the tuner's li
 
 NOISY_MARK = "~"
 NOISY_LEGEND = "~ = noisy speedup (its interleaved pairs disagreed even when timed again): not on the front"
-TABLE_HEADER = ["trial", "seed", "drop", "latency_ms", "iqr_ms", "speedup", "flops", "tokens", "feasible", "config"]
+TABLE_HEADER = ["trial", "seed", "drop", "drop_95ci", "confirmed", "confirmed_95ci", "latency_ms", "iqr_ms", "speedup",
+                "flops", "tokens", "feasible", "config"]
 
 
 def describe_config(config: Any) -> str:
@@ -48,7 +49,8 @@ def trial_table(df: pd.DataFrame) -> pd.DataFrame:
                           if seed is not None else "")
     config = frame_column(df, "config")
     table["config"] = config.loc[table.index].map(describe_config) if config is not None else ""
-    for key in ("flops_ratio", "tokens_kept", "latency_iqr_ms", "baseline_latency_ms"):
+    for key in ("flops_ratio", "tokens_kept", "latency_iqr_ms", "baseline_latency_ms", "accuracy_drop_ci_low",
+                "accuracy_drop_ci_high"):
         table[key] = numeric_column(df, key).loc[table.index]
     duplicate = frame_column(df, "duplicate_of")
     table["duplicate_of"] = (pd.to_numeric(duplicate, errors="coerce").loc[table.index] if duplicate is not None
@@ -83,6 +85,13 @@ def _number(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) and math.isfinite(value) else "-"
 
 
+def interval_text(low: Any, high: Any, digits: int = 2) -> str:
+    """A 95% interval as '[low, high]', '-' when there is none (a trial from before intervals existed)."""
+    if not all(isinstance(v, float) and math.isfinite(v) for v in (low, high)):
+        return "-"
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def format_table(rows: list[list[str]], header: list[str], left: tuple[int, ...] = ()) -> str:
     """Plain-text table: numbers right-aligned, the columns in `left` (and the last) left-aligned."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
@@ -96,7 +105,8 @@ def format_table(rows: list[list[str]], header: list[str], left: tuple[int, ...]
 def format_trials(shown: pd.DataFrame, max_drop: float | None, winner: int | None = None,
                   front: Iterable[int] = ()) -> str:
     """The trial table of `report` and of the driver's final print: `*` marks the export default, `P` the
-    trials in `front`, `~` a noisy speedup (never on the front, never picked by a rule)."""
+    trials in `front`, `~` a noisy speedup (never on the front, never picked by a rule). `drop_95ci` is the paired
+    interval on the search images, `confirmed` the drop on held-out images (front candidates only)."""
     front = set(front)
     rows = []
     for _, row in shown.iterrows():
@@ -105,6 +115,9 @@ def format_trials(shown: pd.DataFrame, max_drop: float | None, winner: int | Non
         marks = ("*" if number == winner else "") + ("P" if number in front else "") + (
             NOISY_MARK if row["noisy"] else "")
         rows.append([f"{number}{marks}", row["seed_kind"] or "", _number(row["accuracy_drop"]),
+                     interval_text(row.get("accuracy_drop_ci_low"), row.get("accuracy_drop_ci_high")),
+                     _number(row.get("confirmed_drop")),
+                     interval_text(row.get("confirmed_drop_ci_low"), row.get("confirmed_drop_ci_high")),
                      _number(row["latency_ms"]), _number(row["latency_iqr_ms"]), _number(row["speedup"], 2) + "x",
                      _number(row["flops_ratio"]), _number(row["tokens_kept"]), "yes" if feasible else "no",
                      row["config"]])

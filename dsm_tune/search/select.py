@@ -7,6 +7,7 @@ docs/interfaces.md) and returns the full frozen config of DESIGN.md section 3.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 from dataclasses import dataclass
@@ -252,10 +253,10 @@ def _study_trial(study: Any, number: int) -> Any:
 
 
 def selection_record(df: pd.DataFrame, rule: Rule, study_max_drop: float | None) -> dict[str, Any]:
-    """What a frozen config records of how it was chosen (metrics `selection`)."""
-    return {"rule": rule.describe(study_max_drop) if effective_basis(df, rule) == rule.basis or rule.trial is not None
-            or rule.min_speedup is not None else Rule(rule.max_accuracy_drop, basis="search").describe(study_max_drop),
-            "basis": effective_basis(df, rule)}
+    """What a frozen config records of how it was chosen (metrics `selection`): the rule as applied, its basis."""
+    basis = effective_basis(df, rule)
+    applied = rule if basis == rule.basis else dataclasses.replace(rule, basis=basis)
+    return {"rule": applied.describe(study_max_drop), "basis": basis}
 
 
 def freeze_trial(study: Any, number: int, selection: Mapping[str, Any] | None = None):

@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 import optuna
 
@@ -130,6 +130,7 @@ def _run_locked(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | No
     precheck_space(space_text, space_source)
     progress = Progress(total=spec.trials, max_drop=spec.max_accuracy_drop, stream=stream)
     session = StudySession(spec, progress, tracker if tracker is not None else _make_tracker(spec), resumed)
+    session.confirmer = _confirmer(spec, evaluator_factory)
     spent = None
     if resumed:
         session.open()
@@ -206,6 +207,18 @@ def _run_loop(loop: Loop, progress: Progress, session: StudySession) -> bool:
     finally:
         progress.close()
         session.study.set_user_attr("elapsed_s", round(loop.elapsed(), 3))
+
+
+def _confirmer(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | None) -> Callable[[], Any] | None:
+    """What scores the front on the held-out images: the real model for the default evaluator, the factory's own
+    `confirmer` for another (a stand-in), none when the study holds no images out."""
+    if not spec.confirms:
+        return None
+    if evaluator_factory is not None:
+        return getattr(evaluator_factory, "confirmer", None)
+    from dsm_tune.search.confirmation import scorer_factory_for
+
+    return scorer_factory_for(spec.to_dict(), str((spec.out / "cache").resolve()))
 
 
 def _make_tracker(spec: StudySpec) -> Tracker:
