@@ -57,6 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="Optuna sampler (default tpe: TPE with the constant liar, made for parallel workers)")
     parser.add_argument("--space", type=Path, default=None,
                         help="search space YAML (default: search_spaces/<family>.yaml chosen by the model name)")
+    parser.add_argument("--confirm", type=float, default=None, metavar="FRACTION",
+                        help="share of the images the search never sees, kept to confirm the front on when the "
+                             "study ends (default 0.2; 0 turns confirmation off); --limit caps both parts; the "
+                             "exported config is chosen on confirmed drops")
+    parser.add_argument("--confirm-data", type=Path, default=None, metavar="DIR",
+                        help="confirm the front on this folder instead (then every --data image is searched)")
     parser.add_argument("--max-accuracy-drop", type=float, default=None,
                         help=f"feasibility limit on the accuracy drop, in points (default {DEFAULT_MAX_DROP})")
     parser.add_argument("--ray-address", default=None,
@@ -115,7 +121,11 @@ def build_spec(args: argparse.Namespace):
         sampler=args.sampler or DEFAULT_SAMPLER, space=str(args.space) if args.space is not None else None,
         seed=args.seed if args.seed is not None else 0, workers=workers, out=out, study=args.study,
         ray_address=args.ray_address, mlflow_uri=args.mlflow_uri, mlflow=not args.no_mlflow,
-        no_ray=bool(args.no_ray))
+        no_ray=bool(args.no_ray),
+        confirm_data=str(args.confirm_data) if args.confirm_data is not None else None,
+        # A separate confirmation folder holds nothing out of --data; otherwise StudySpec's default share.
+        **({"confirm": args.confirm} if args.confirm is not None else
+           {"confirm": 0.0} if args.confirm_data is not None else {}))
     if args.probe is not None:
         _apply_probe(spec, args)
     return spec

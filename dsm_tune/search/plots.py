@@ -17,7 +17,7 @@ import pandas as pd
 
 from dsm_tune.search.diskspace import write_atomically, write_text_atomically
 
-from dsm_tune.search.render import default_winner, pareto_front, trial_table
+from dsm_tune.search.render import default_winner, interval_text, pareto_front, trial_table
 from dsm_tune.search.select import frame_column
 
 HTML_NAME = "pareto.html"
@@ -109,10 +109,31 @@ def _y_range(table: pd.DataFrame, max_drop: float | None) -> tuple[float, float]
 
 def _hover(row: pd.Series) -> str:
     seed = f" ({row['seed_kind']} seed)" if row["seed_kind"] else ""
-    return (f"trial {int(row['number'])}{seed}<br>drop {row['accuracy_drop']:.3f}<br>"
+    interval = interval_text(row.get("accuracy_drop_ci_low"), row.get("accuracy_drop_ci_high"), 3)
+    confirmed = row.get("confirmed_drop")
+    confirmed_text = (f"<br>confirmed {confirmed:.3f} "
+                      f"{interval_text(row.get('confirmed_drop_ci_low'), row.get('confirmed_drop_ci_high'), 3)}"
+                      if isinstance(confirmed, float) and math.isfinite(confirmed) else "")
+    return (f"trial {int(row['number'])}{seed}<br>drop {row['accuracy_drop']:.3f} {interval}{confirmed_text}<br>"
             f"latency {row['latency_ms']:.3f} ms (IQR {row['latency_iqr_ms']:.3f})<br>"
             f"speedup {row['speedup']:.3f}x{' (noisy)' if row['noisy'] else ''}<br>FLOPs ratio {row['flops_ratio']:.3f}<br>"
             f"tokens kept {row['tokens_kept']:.3f}<br>{row['config']}")
+
+
+CONFIRMED_COLOUR = "#2a9d8f"
+
+
+def _error_bars(rows: pd.DataFrame, centre: str, low: str, high: str) -> tuple[list[float], list[float]] | None:
+    """(below, above) distances of each row's 95% interval around `centre`; None when no row has one."""
+    if low not in rows or high not in rows or not rows[low].notna().any():
+        return None
+    below = (rows[centre] - rows[low]).clip(lower=0).fillna(0.0)
+    above = (rows[high] - rows[centre]).clip(lower=0).fillna(0.0)
+    return below.tolist(), above.tolist()
+
+
+def _confirmed(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table["confirmed_drop"].notna()] if "confirmed_drop" in table else table.iloc[0:0]
 
 
 def _plotly_figure(table, front, winner, max_drop, title):
@@ -124,10 +145,21 @@ def _plotly_figure(table, front, winner, max_drop, title):
         marker=dict(color="rgba(110,110,110,0.35)", size=7), hovertext=table.apply(_hover, axis=1).tolist()
         if len(table) else [], hoverinfo="text"))
     if len(front):
+        bars = _error_bars(front, "accuracy_drop", "accuracy_drop_ci_low", "accuracy_drop_ci_high")
         figure.add_trace(go.Scatter(
-            x=front["latency_ms"], y=front["accuracy_drop"], mode="lines+markers", name="Pareto front",
+            x=front["latency_ms"], y=front["accuracy_drop"], mode="lines+markers", name="Pareto front (95% CI)",
             line=dict(color=FRONT_COLOUR, shape="hv", width=2), marker=dict(color=FRONT_COLOUR, size=9),
-            hovertext=front.apply(_hover, axis=1).tolist(), hoverinfo="text"))
+            error_y=dict(type="data", symmetric=False, array=bars[1], arrayminus=bars[0], thickness=1)
+            if bars else None, hovertext=front.apply(_hover, axis=1).tolist(), hoverinfo="text"))
+    confirmed = _confirmed(table)
+    if len(confirmed):
+        bars = _error_bars(confirmed, "confirmed_drop", "confirmed_drop_ci_low", "confirmed_drop_ci_high")
+        figure.add_trace(go.Scatter(
+            x=confirmed["latency_ms"], y=confirmed["confirmed_drop"], mode="markers",
+            name="confirmed on held-out images (95% CI)",
+            marker=dict(symbol="diamond", size=10, color=CONFIRMED_COLOUR),
+            error_y=dict(type="data", symmetric=False, array=bars[1], arrayminus=bars[0], thickness=1)
+            if bars else None, hovertext=confirmed.apply(_hover, axis=1).tolist(), hoverinfo="text"))
     for kind, (label, _, symbol, colour) in SEED_STYLES.items():
         seeds = table[table["seed_kind"] == kind]
         if len(seeds):
@@ -179,7 +211,17 @@ def _write_png(table, front, winner, max_drop, title, path: Path) -> None:
             axes.step(front["latency_ms"], front["accuracy_drop"], where="post", color=FRONT_COLOUR, lw=1.8,
                       zorder=3)
             axes.scatter(front["latency_ms"], front["accuracy_drop"], s=36, color=FRONT_COLOUR,
-                         label=f"Pareto front ({len(front)})", zorder=4)
+                         label=f"Pareto front ({len(front)}, 95% CI)", zorder=4)
+            bars = _error_bars(front, "accuracy_drop", "accuracy_drop_ci_low", "accuracy_drop_ci_high")
+            if bars:
+                axes.errorbar(front["latency_ms"], front["accuracy_drop"], yerr=bars, fmt="none",
+                              ecolor=FRONT_COLOUR, elinewidth=0.8, capsize=2, zorder=3)
+        confirmed = _confirmed(table)
+        if len(confirmed):
+            bars = _error_bars(confirmed, "confirmed_drop", "confirmed_drop_ci_low", "confirmed_drop_ci_high")
+            axes.errorbar(confirmed["latency_ms"], confirmed["confirmed_drop"], yerr=bars, fmt="D", ms=5,
+                          color=CONFIRMED_COLOUR, elinewidth=0.8, capsize=2, zorder=5,
+                          label="confirmed on held-out images (95% CI)")
             for _, row in front.iterrows():
                 axes.annotate(f"#{int(row['number'])} {row['speedup']:.2f}x",
                               (row["latency_ms"], row["accuracy_drop"]), textcoords="offset points",

@@ -78,7 +78,8 @@ class Loop:
         self.progress.reference_ms = self.teller.reference.latency_ms
         self.progress.record(trial.state.name, attrs.get("accuracy_drop"), attrs.get("latency_ms"),
                              attrs.get("speedup"), trial.number, earlier=earlier,
-                             noisy=truthy(attrs.get(NOISY_ATTR)))
+                             noisy=truthy(attrs.get(NOISY_ATTR)),
+                             drop_interval=(attrs.get("accuracy_drop_ci_low"), attrs.get("accuracy_drop_ci_high")))
 
     def told(self, frozen: optuna.trial.FrozenTrial) -> None:
         self._record_progress(frozen)

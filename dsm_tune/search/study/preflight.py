@@ -38,6 +38,8 @@ def preflight(spec: StudySpec) -> Preflight:
     if spec.ray_address is not None:
         return Preflight(target, None)
     DataSpec.parse(data)
+    if spec.confirm_data is not None:
+        DataSpec.parse(spec.confirm_data)
     return Preflight(target, ModelFingerprint.from_model(_model_skeleton(spec)))
 
 
