@@ -384,13 +384,20 @@ def test_pareto_html_is_small_and_loads_the_library_written_once(tmp_path):
 
 # --- a real small file system ------------------------------------------------------------------------------------
 def _mount_command(mount_point: Path) -> list[str] | None:
-    """How this machine lets a test mount a 16 MiB tmpfs: a private mount namespace (`unshare -rm`, no root
-    needed where user namespaces are allowed), else None."""
-    if shutil.which("unshare") is None:
-        return None
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mount_point}"],
-                           capture_output=True, text=True)
-    return ["unshare", "-rm"] if probe.returncode == 0 else None
+    """How this machine lets a test mount a tmpfs: in a private mount namespace (`unshare -rm`: no root needed
+    where user namespaces are allowed; the mount ends with the process), else plainly as root ([]), else None."""
+    if shutil.which("unshare") is not None:
+        probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mount_point}"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            return ["unshare", "-rm"]
+    if os.geteuid() == 0 and shutil.which("mount") is not None:
+        probe = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            subprocess.run(["umount", str(mount_point)], check=True)
+            return []
+    return None
 
 
 REAL_DISK_SCRIPT = r"""
@@ -463,9 +470,13 @@ def test_real_small_filesystem(tmp_path):
     script.write_text(REAL_DISK_SCRIPT.format(repo=str(REPO), root=str(mount_point), trials=TRIALS,
                                               space=str(SAMPLED_DEMO)))
     env = {**os.environ, MIN_FREE_ENV: "0"}
-    done = subprocess.run([*prefix, "sh", "-c", f"mount -t tmpfs -o size=16m tmpfs {mount_point} && "
-                                                f"exec {sys.executable} {script}"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    try:
+        done = subprocess.run([*prefix, "sh", "-c", f"mount -t tmpfs -o size=16m tmpfs {mount_point} && "
+                                                    f"exec {sys.executable} {script}"],
+                              capture_output=True, text=True, env=env, timeout=600)
+    finally:
+        if not prefix:   # mounted in this machine's namespace: take it down whatever happened
+            subprocess.run(["umount", str(mount_point)], capture_output=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     rc, err, _ = result["first"]

@@ -13,14 +13,13 @@ WAL checkpoint where the disk allows one. `check_free_space` refuses to start a 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from dsm_tune.errors import DiskFullError, DSMTuneError, disk_full_code
+from dsm_tune.errors import DISK_FULL_ERRNOS, DiskFullError, DSMTuneError, disk_full_code
 
 # The floor of free space a run needs on --out before it starts (MiB), and the variable that overrides it.
 # Measured: a finished 24-trial demo study with MLflow takes 10.3 MiB of --out: plotly.min.js 4.6 MiB (once per
@@ -243,7 +242,7 @@ def _what_failed(exc: BaseException, storage_file: Path | None) -> tuple[Path, s
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) \
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS \
                 and current.filename:
             path = Path(os.fsdecode(current.filename))
             return path, path.name
