@@ -492,3 +492,24 @@ def test_real_small_filesystem(tmp_path):
     rc, err, out = result["second"]
     assert rc == 0, err + out
     assert len(result["final"]) == TRIALS
+
+
+def test_mlflow_left_queued_by_a_full_disk_ends_the_run_as_a_full_disk(tmp_path):
+    """The tracker swallows MLflow's failures (an outage only queues); one that leaves trials queued because the
+    MLflow store's disk is full is said as a full disk at the end of the run."""
+    from types import SimpleNamespace
+
+    folder = StudyFolder(tmp_path, STUDY)
+    folder.path.mkdir()
+    store = tmp_path / "mlflow.db"
+    full = sqlite3.OperationalError("database or disk is full")
+    tracker = SimpleNamespace(uri=f"sqlite:///{store}", last_error=RuntimeError("wrapped"))
+    tracker.last_error.__cause__ = full
+    session = SimpleNamespace(tracker=tracker, folder=folder)
+    StudySession._check_tracker_space(session)   # nothing queued: MLflow took everything in the end
+    folder.pending_file.write_text('{"number": 0}\n')
+    with pytest.raises(DiskFullError) as caught:
+        StudySession._check_tracker_space(session)
+    assert caught.value.what == f"the MLflow store sqlite:///{store}" and caught.value.path == str(store)
+    tracker.last_error = ConnectionError("server down")   # an outage stays a warning
+    StudySession._check_tracker_space(session)
