@@ -247,3 +247,52 @@ def test_a_study_stored_before_the_data_settings_keeps_its_images():
 def test_confirm_must_be_a_fraction(bad):
     with pytest.raises(Exception, match="--confirm must be a fraction"):
         StudySpec(model="demo", confirm=bad)
+
+
+# --- verify --data -----------------------------------------------------------------------------------------------
+def test_verify_on_other_images_fails_only_when_the_whole_interval_is_over_the_limit():
+    from dsm_tune.commands.verify import interval_row
+
+    within = {"accuracy_drop_ci_low": 0.7, "accuracy_drop_ci_high": 1.6}
+    over = {"accuracy_drop_ci_low": 1.1, "accuracy_drop_ci_high": 1.9}
+    assert interval_row(within, 1.0, deciding=True)["ok"] is True
+    assert interval_row(over, 1.0, deciding=True)["ok"] is False
+    assert interval_row(over, 1.0, deciding=False)["ok"] is None        # without --data it is shown only
+    assert interval_row(over, None, deciding=True)["ok"] is None        # a file that records no limit
+    assert interval_row(within, 1.0, deciding=True)["text"] == "[0.700, 1.600]"
+
+
+# --- end to end on the demo ----------------------------------------------------------------------------------------
+def test_a_demo_study_confirms_its_front_and_export_chooses_on_it(tmp_path, capsys):
+    from dsm_tune.cli import main
+    from dsm_tune.search.folder import StudyFolder
+
+    out = tmp_path / "runs"
+    assert main(["run", "--model", "demo", "--device", "cpu", "--trials", "4", "--no-ray", "--no-mlflow",
+                 "--limit", "120", "--out", str(out)]) == 0
+    study = StudyFolder(out, "demo-cpu").load()
+    spec = study.user_attrs["spec"]
+    assert (spec["confirm"], spec["data_order"], spec["data_seed"]) == (0.2, "balanced", 0)
+    frame = trials_frame(study)
+    measured = frame[frame["accuracy_drop"].notna()]
+    assert (measured["accuracy_drop_ci_low"] <= measured["accuracy_drop"]).all()
+    assert (measured["accuracy_drop"] <= measured["accuracy_drop_ci_high"]).all()
+    scores = study.user_attrs.get(CONFIRM_ATTR, {}).get("scores", {})
+    front = candidates(frame, 1.0)
+    assert sorted(int(n) for n in scores) == sorted(front)
+    # 20% of the 2,000-image slice is held out, capped by --limit like the search part.
+    assert all(s["confirmed_num_images"] == 120 for s in scores.values())
+    capsys.readouterr()
+    assert main(["report", "--study", "demo-cpu", "--out", str(out)]) == 0
+    assert "confirmed_95ci" in capsys.readouterr().out
+    target = tmp_path / "dsm.json"
+    code = main(["export", "--study", "demo-cpu", "--out", str(out), "-o", str(target), "--on-search"])
+    if code == 0:   # a 4-trial study on a loaded machine may have no quiet speedup within the limit
+        metrics = load_config(target.read_text()).metrics
+        assert metrics["selection"]["basis"] == "search" and "accuracy_drop_ci_high" in metrics
+    if front:
+        assert main(["export", "--study", "demo-cpu", "--out", str(out), "-o", str(target), "--force",
+                     "--trial", str(front[0])]) == 0
+        metrics = load_config(target.read_text()).metrics
+        assert metrics["confirmed_drop"] == pytest.approx(scores[str(front[0])]["confirmed_drop"])
+        assert metrics["confirmed_num_images"] == 120

@@ -61,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="share of the images the search never sees, kept to confirm the front on when the "
                              "study ends (default 0.2; 0 turns confirmation off); --limit caps both parts; the "
                              "exported config is chosen on confirmed drops")
+    parser.add_argument("--data-seed", type=int, default=None,
+                        help="which images --limit and --confirm draw (default 0): another seed, another sample")
     parser.add_argument("--confirm-data", type=Path, default=None, metavar="DIR",
                         help="confirm the front on this folder instead (then every --data image is searched)")
     parser.add_argument("--max-accuracy-drop", type=float, default=None,
@@ -123,6 +125,7 @@ def build_spec(args: argparse.Namespace):
         ray_address=args.ray_address, mlflow_uri=args.mlflow_uri, mlflow=not args.no_mlflow,
         no_ray=bool(args.no_ray),
         confirm_data=str(args.confirm_data) if args.confirm_data is not None else None,
+        data_seed=args.data_seed if args.data_seed is not None else 0,
         # A separate confirmation folder holds nothing out of --data; otherwise StudySpec's default share.
         **({"confirm": args.confirm} if args.confirm is not None else
            {"confirm": 0.0} if args.confirm_data is not None else {}))

@@ -243,6 +243,28 @@ class AccuracyEvaluator:
         return result
 
 
+def per_image_losses(evaluator: AccuracyEvaluator, merged_model: torch.nn.Module) -> torch.Tensor:
+    """Each image's contribution to the drop (points; the drop is their mean), in the data's order: for paired
+    analyses of any subset of the images (benchmarks/confirm_value.py)."""
+    merged_model.to(evaluator.device, evaluator.dtype).eval()
+    losses, seen = [], 0
+    with torch.inference_mode():
+        for images in evaluator._input_batches():
+            count = images.shape[0]
+            merged = model_outputs(merged_model, images, evaluator.metric).float().cpu()
+            dense = evaluator.dense_outputs[seen:seen + count]
+            if evaluator.metric == "feature":
+                losses.append(100.0 * (1.0 - F.cosine_similarity(merged, dense, dim=1).double()))
+            elif evaluator.metric == "agreement":
+                losses.append(100.0 * (merged.argmax(1) != dense.argmax(1)).double())
+            else:
+                labels = evaluator.labels[seen:seen + count]
+                right = (merged.argmax(1) == labels).double()
+                losses.append(100.0 * (evaluator._dense_correct[seen:seen + count].double() - right))
+            seen += count
+    return torch.cat(losses)
+
+
 class _Tally:
     """Running sums of one metric over the images evaluated so far."""
 

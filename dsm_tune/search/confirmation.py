@@ -98,6 +98,7 @@ def scorer_factory_for(spec: Mapping[str, Any], cache_dir: str | None) -> Callab
         scorer = HeldOutScorer(spec["model"], target, spec.get("data"), metric=spec.get("metric"),
                                limit=spec.get("limit"), checkpoint=spec.get("checkpoint"), cache_dir=cache_dir,
                                pretrained=bool(spec.get("pretrained")), order=spec.get("data_order") or "balanced",
+                               seed=int(spec.get("data_seed") or 0),
                                holdout=float(spec.get("confirm") or 0.0) if confirm_data is None else 0.0,
                                confirm_data=confirm_data)
         return scorer

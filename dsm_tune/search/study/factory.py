@@ -31,6 +31,7 @@ class DefaultEvaluatorFactory:
     cache_dir: str | None
     holdout: float = 0.0
     order: str = "balanced"
+    data_seed: int = 0
 
     @classmethod
     def from_spec(cls, spec: StudySpec) -> "DefaultEvaluatorFactory":
@@ -42,7 +43,8 @@ class DefaultEvaluatorFactory:
                    # The dense-output cache is on the driver's disk: only local workers can share it.
                    cache_dir=str((spec.out / "cache").resolve()) if local else None,
                    # A separate confirmation folder leaves every image of --data to the search.
-                   holdout=spec.confirm if spec.confirm_data is None else 0.0, order=spec.data_order)
+                   holdout=spec.confirm if spec.confirm_data is None else 0.0, order=spec.data_order,
+                   data_seed=spec.data_seed)
 
     def __call__(self) -> Any:
         import torch
@@ -58,7 +60,7 @@ class DefaultEvaluatorFactory:
         return TrialEvaluator(self.model, target, self.data, metric=self.metric, limit=self.limit,
                               checkpoint=self.checkpoint, cache_dir=Path(self.cache_dir) if self.cache_dir else None,
                               max_drop=self.max_drop, pretrained=self.pretrained, order=self.order,
-                              holdout=self.holdout)
+                              holdout=self.holdout, seed=self.data_seed)
 
 
 def resolve_target(spec: StudySpec) -> Any:

@@ -24,7 +24,7 @@ IDENTITY, BUDGET = "identity", "budget"
 DEFAULT_CONFIRM = 0.2
 # What a study stored before these identity fields existed was made with: all its data searched, in the old
 # class-prefix order. A resume adopts them (`adopt_legacy`), so it keeps scoring the very same images.
-LEGACY_IDENTITY = {"confirm": 0.0, "confirm_data": None, "data_order": "class-prefix"}
+LEGACY_IDENTITY = {"confirm": 0.0, "confirm_data": None, "data_order": "class-prefix", "data_seed": 0}
 
 
 def _identity(default: Any) -> Any:
@@ -60,6 +60,7 @@ class StudySpec:
     confirm: float = _identity(DEFAULT_CONFIRM)
     confirm_data: str | None = _identity(None)
     data_order: str = _identity("balanced")
+    data_seed: int = _identity(0)     # which images a --limit / --confirm draws (`--data-seed`)
     trials: int = _budget(24)
     timeout: float | None = _budget(None)
     sampler: str = _budget(DEFAULT_SAMPLER)
