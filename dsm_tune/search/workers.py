@@ -419,14 +419,15 @@ class InProcessPool:
     """`WorkerPool`'s interface over one `TrialWorker` in the driver's own process (`run --no-ray`): no Ray is
     imported. The worker is built, and each trial evaluated, synchronously inside `wait`, so the driver's loop is
     the same as with Ray. A Ctrl-C during an evaluation propagates from `wait` (the loop requeues the trial); a
-    config that ends the process ends the driver with it, which is why `before_evaluate(task)` runs first: the
-    driver marks the trial so that a resume knows which config was being evaluated (`tell.recover_stale`)."""
+    config that ends the process ends the driver with it, which is why `on_evaluate(task, False)` runs first and
+    `on_evaluate(task, True)` once the evaluation returned: the driver marks the trial so that a resume knows
+    which config was being evaluated when the process ended (`tell.recover_stale`)."""
 
     def __init__(self, factory: Callable[[], Evaluator], placement: Placement,
-                 before_evaluate: Callable[[Any], None] | None = None):
+                 on_evaluate: Callable[[Any, bool], None] | None = None):
         self.factory = factory
         self.placement = placement
-        self.before_evaluate = before_evaluate
+        self.on_evaluate = on_evaluate
         self.slots = [Slot(0)]
         self._workers: dict[int, TrialWorker] = {}
         self._options: dict[int, dict[str, Any]] = {}
@@ -478,9 +479,11 @@ class InProcessPool:
                 return events   # as with Ray: the driver sees the worker ready before it submits to it
         for slot in self.busy_slots():
             task, cfg, options = slot.task, self._cfgs.pop(slot.index), self._options.pop(slot.index)
-            if self.before_evaluate is not None:
-                self.before_evaluate(task)
+            if self.on_evaluate is not None:
+                self.on_evaluate(task, False)
             value = self._workers[slot.index].evaluate(cfg, options)
+            if self.on_evaluate is not None:
+                self.on_evaluate(task, True)
             slot.task_ref = slot.task = None
             slot.completed += 1
             if value.error is not None:

@@ -171,7 +171,7 @@ def _run_workers(spec: StudySpec, session: StudySession, factory: Callable[[], E
     interrupted = False
     try:
         if spec.no_ray:
-            pool = InProcessPool(factory, placement, before_evaluate=lambda task: mark_in_process(task.trial))
+            pool = InProcessPool(factory, placement, on_evaluate=lambda task, done: mark_in_process(task.trial, done))
         else:
             pool = WorkerPool(factory, spec.workers, placement)
         info = _wait_first_worker(pool, progress)

@@ -26,11 +26,13 @@ CONSTRAINT_NAME = "accuracy_drop"                # Optuna constraint: accuracy_d
 ABORT_FACTOR = 2.0
 
 # `run --no-ray` evaluates in the driver's process, so a config that crashes it (segfault, OOM kill, os._exit)
-# takes the driver along. The trial is marked before its evaluation starts; a resume that finds it still RUNNING
-# with the mark cannot tell that config from a user's kill -9, so it queues it again once, counting the death on
-# the copy; a config whose evaluation ended the process MAX_PROCESS_DEATHS times is FAILed for good, and later
-# proposals of the same plan are not measured (the loop prunes them).
-IN_PROCESS_ATTR = "in_process"              # True from just before an in-process evaluation starts
+# takes the driver along. The trial is marked "evaluating" before its evaluation starts and "evaluated" once it
+# returned; a resume that finds a trial still RUNNING and "evaluating" cannot tell that config from a user's kill
+# -9, so it queues it again once, counting the death on the copy; a config whose evaluation ended the process
+# MAX_PROCESS_DEATHS times is FAILed for good, and later proposals of the same plan are not measured (the loop
+# prunes them). A Ctrl-C between the evaluation and its tell leaves the trial RUNNING but "evaluated": no death.
+IN_PROCESS_ATTR = "in_process"              # "evaluating", then "evaluated": the driver's process measured it
+EVALUATING, EVALUATED = "evaluating", "evaluated"
 PROCESS_DEATHS_ATTR = "process_deaths"      # in-process runs of this config the process did not survive
 MAX_PROCESS_DEATHS = 2
 KILLED_PROCESS_ATTR = "killed_process"      # on the FAILed trial whose config ended the process too often
@@ -158,9 +160,9 @@ def enqueue_again(study: optuna.Study, params: dict[str, Any], number: int, seed
     study.enqueue_trial(params, user_attrs=user_attrs)
 
 
-def mark_in_process(trial: optuna.trial.Trial) -> None:
-    """Just before the driver's own process evaluates `trial` (see IN_PROCESS_ATTR)."""
-    trial.set_user_attr(IN_PROCESS_ATTR, True)
+def mark_in_process(trial: optuna.trial.Trial, done: bool = False) -> None:
+    """Just before (`done` False) and after the driver's own process evaluates `trial` (see IN_PROCESS_ATTR)."""
+    trial.set_user_attr(IN_PROCESS_ATTR, EVALUATED if done else EVALUATING)
 
 
 def recover_stale(study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:
@@ -172,7 +174,7 @@ def recover_stale(study: optuna.Study, storage: optuna.storages.BaseStorage) -> 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         deaths = int(trial.user_attrs.get(PROCESS_DEATHS_ATTR) or 0)
-        if trial.user_attrs.get(IN_PROCESS_ATTR):
+        if trial.user_attrs.get(IN_PROCESS_ATTR) == EVALUATING:
             deaths += 1
             storage.set_trial_user_attr(trial_id, PROCESS_DEATHS_ATTR, deaths)
         if deaths >= MAX_PROCESS_DEATHS:
