@@ -200,6 +200,9 @@ def main(args: argparse.Namespace) -> int:
     if result.interrupted:
         return 130   # run_study has said what was kept and how to resume
     if result.best_path is not None:
-        print(f"Best config (fastest with accuracy drop <= {spec.max_accuracy_drop:g}): trial {result.best_trial} -> "
-              f"{result.best_path}")
+        from dsm_tune.merging import load_config
+
+        selection = (load_config(result.best_path).metrics or {}).get("selection") or {}
+        rule = selection.get("rule") or f"fastest with accuracy drop <= {spec.max_accuracy_drop:g}"
+        print(f"Best config ({rule}): trial {result.best_trial} -> {result.best_path}")
     return 0

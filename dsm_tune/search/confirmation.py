@@ -36,11 +36,15 @@ class Scorer(Protocol):
 
 
 def candidates(frame: pd.DataFrame, max_drop: float, limit: int = MAX_CANDIDATES) -> list[int]:
-    """The feasible front's fastest trials (by search figures), fastest first, duplicates of a trial left out."""
+    """The feasible front's fastest trials (by search figures), fastest first; duplicates of a trial and configs
+    that merge nothing left out."""
     if frame.empty:
         return []
     if "duplicate_of" in frame:
         frame = frame[frame["duplicate_of"].isna()]
+    if "tokens_kept" in frame:
+        # A config that merges nothing is the dense model: its drop is 0 on any image, nothing to confirm.
+        frame = frame[~(pd.to_numeric(frame["tokens_kept"], errors="coerce") >= 1.0)]
     return pareto_numbers(frame, max_drop)[:limit]
 
 
