@@ -132,12 +132,20 @@ def configs_for(model: torch.nn.Module) -> dict[str, Any]:
     return {name: {True: cfg, False: cfg.replace(proportional_attention=False)} for name, cfg in base.items()}
 
 
-def build(name: str, img_size: int | None, seed: int = 0) -> torch.nn.Module:
+_BUILT: dict[tuple[str, int | None], torch.nn.Module] = {}
+
+
+def build(name: str, img_size: int | None) -> torch.nn.Module:
+    """A fresh copy of the random-weights model (seed 0): initialising ViT-L on the host takes seconds, and every
+    section wants its own copy to move and cast."""
     import timm
 
-    torch.manual_seed(seed)
-    kwargs = {"img_size": img_size} if img_size else {}
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
+    key = (name, img_size)
+    if key not in _BUILT:
+        torch.manual_seed(0)
+        kwargs = {"img_size": img_size} if img_size else {}
+        _BUILT[key] = timm.create_model(name, pretrained=False, **kwargs).eval()
+    return copy.deepcopy(_BUILT[key])
 
 
 def input_size(model: torch.nn.Module) -> tuple[int, int]:
@@ -154,14 +162,19 @@ class Variant:
     def key(self) -> str:
         return "dense" if self.config == "dense" else f"{self.config}/{self.way}"
 
-    def bind(self, fn: Callable[[torch.Tensor], Any], inputs: torch.Tensor) -> Callable[[], Any]:
+    def bind(self, fn: Callable[[torch.Tensor], Any], inputs: torch.Tensor,
+             cuda_graphs: bool = False) -> Callable[[], Any]:
         from dsm_tune.merging.patch import set_proportional_attention_mode
 
         mode = "masked" if self.way == "masked" else "fused" if self.way == "fused" else "auto"
+        # Each call is a new step for CUDA graph trees: the previous call's output (discarded) may be overwritten.
+        mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None) if cuda_graphs else None
 
         def forward():
             # The mode is global: each call sets its own, so interleaved variants never run another's path.
             set_proportional_attention_mode(mode)
+            if mark_step is not None:
+                mark_step()
             return fn(inputs)
 
         return forward
@@ -399,11 +412,13 @@ def section_bf16(settings: Settings, clock: Clock, work: Path, args) -> dict:
 
 # Compiled groups in priority order: (model index, batch index, compile mode). Batch 1 is launch-bound, so its
 # compiled figure that matters is CUDA graphs' (reduce-overhead); the default mode there comes last.
-COMPILE_GROUPS = ((0, 0, "default"), (0, 1, "reduce-overhead"), (1, 0, "default"), (1, 1, "reduce-overhead"),
-                  (0, 1, "default"), (1, 1, "default"))
+# Each group compiles at most its first `cap` variants of VARIANT_PRIORITY, so the time spreads over the groups
+# before a later pass could be thought of; the masked variants' kernels are shown eagerly.
+COMPILE_GROUPS = ((0, 0, "default", 4), (0, 1, "reduce-overhead", 3), (1, 0, "default", 3),
+                  (1, 1, "reduce-overhead", 3), (0, 1, "default", 3), (1, 1, "default", 2))
 # Which variants to compile first inside a group: the dense reference, then what a GPU study would pick from.
 VARIANT_PRIORITY = ("dense", "dsm/fused", "tome/fused", "dsm/off", "tome/off", "dsm/masked", "tome/masked")
-FIRST_COMPILE_ESTIMATE_S = {"cuda": 90.0, "cpu": 15.0}
+FIRST_COMPILE_ESTIMATE_S = {"cuda": 60.0, "cpu": 15.0}
 
 
 def section_latency_compiled(settings: Settings, clock: Clock, work: Path, args, reserve_s: float = 0.0) -> dict:
@@ -419,7 +434,7 @@ def section_latency_compiled(settings: Settings, clock: Clock, work: Path, args,
     compile_seconds: list[float] = []
     compiles = 0
     groups = [g for g in COMPILE_GROUPS if g[0] < len(settings.models) and g[1] < len(settings.batches)]
-    for model_index, batch_index, mode in groups:
+    for model_index, batch_index, mode, cap in groups:
         name, img_size = settings.models[model_index]
         batch = settings.batches[batch_index]
         if mode == "reduce-overhead" and settings.device.type != "cuda":
@@ -430,19 +445,23 @@ def section_latency_compiled(settings: Settings, clock: Clock, work: Path, args,
         variants = {v.key: v for v in variants_for(dense)}
         x = _inputs(dense, batch, settings)
         torch._dynamo.reset()
-        forwards, skipped = {}, []
+        forwards: dict = {}
+        skipped: list[tuple[Variant, str]] = []
         with torch.inference_mode():
-            for key in VARIANT_PRIORITY:
+            for key in VARIANT_PRIORITY[:cap]:
                 variant = variants[key]
                 estimate = max(compile_seconds, default=FIRST_COMPILE_ESTIMATE_S.get(settings.device.type, 60.0))
-                if compiles >= settings.max_compiles or clock.left() - reserve_s < 1.5 * estimate + 10:
-                    skipped.append(variant)
+                if compiles >= settings.max_compiles:
+                    skipped.append((variant, f"skipped: {settings.max_compiles} compiles at most here"))
+                    continue
+                if clock.left() - reserve_s < 1.5 * estimate + 10:
+                    skipped.append((variant, "skipped: time guard"))
                     continue
                 options = {"backend": settings.compile_backend}
                 if mode != "default":
                     options["mode"] = mode
                 compiled = torch.compile(variant.module, fullgraph=True, **options)
-                forward = variant.bind(compiled, x)
+                forward = variant.bind(compiled, x, cuda_graphs=mode == "reduce-overhead")
                 begin = time.monotonic()
                 try:
                     forward()
@@ -464,8 +483,8 @@ def section_latency_compiled(settings: Settings, clock: Clock, work: Path, args,
                                              kernels=kernels["families"], cuda_graph=kernels["cuda_graph"],
                                              status="ok"))
             else:
-                skipped += [v for v, _, _ in forwards.values()]
-        rows += [_latency_row(name, batch, mode, v, None, status="skipped: time guard") for v in skipped]
+                skipped += [(v, "skipped: no dense reference compiled") for v, _, _ in forwards.values()]
+        rows += [_latency_row(name, batch, mode, v, None, status=why) for v, why in skipped]
         del dense, variants, forwards
         torch._dynamo.reset()
         if settings.device.type == "cuda":
@@ -742,6 +761,18 @@ SECTIONS = ("environment", "latency_eager", "kernels", "bf16", "latency_compiled
 # Seconds a section needs at least to be worth starting (full sizes, CPU --quick needs far less).
 MIN_SECONDS = {"environment": 0, "latency_eager": 30, "kernels": 15, "bf16": 20, "latency_compiled": 60,
                "cli": 60, "study": 60}
+# What the CLI (measure + verify of ViT-B) and a 12-trial ViT-B study are expected to take on the GPU.
+RESERVE_S = {"cli": 90.0, "study": 150.0}
+
+
+def compile_reserve(wanted: list[str]) -> float:
+    """Seconds the compiled section leaves for the sections after it: a study only needs time when optuna is
+    here to run it (the environment section installs any --wheels before)."""
+    importlib.invalidate_caches()
+    reserve = RESERVE_S["cli"] if "cli" in wanted else 0.0
+    if "study" in wanted and importlib.util.find_spec("optuna") is not None:
+        reserve += RESERVE_S["study"]
+    return reserve
 
 
 def make_sample(count: int, dest: Path, source: Path) -> int:
@@ -841,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if name == "latency_compiled":
                     # Keep enough for the CLI and study sections after it.
-                    reserve = 0.0 if settings.quick else sum(MIN_SECONDS[s] for s in ("cli", "study") if s in wanted)
+                    reserve = 0.0 if settings.quick else compile_reserve(wanted)
                     result = section_latency_compiled(settings, clock, work, args, reserve_s=reserve)
                 else:
                     result = SECTION_FUNCTIONS[name](settings, clock, work, args)
