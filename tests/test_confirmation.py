@@ -283,7 +283,7 @@ def test_a_demo_study_confirms_its_front_and_export_chooses_on_it(tmp_path, caps
     # 20% of the 2,000-image slice is held out, capped by --limit like the search part.
     assert all(s["confirmed_num_images"] == 120 for s in scores.values())
     capsys.readouterr()
-    assert main(["report", "--study", "demo-cpu", "--out", str(out)]) == 0
+    assert main(["report", "--study", "demo-cpu", "--out", str(out), "--all"]) == 0
     assert "confirmed_95ci" in capsys.readouterr().out
     target = tmp_path / "dsm.json"
     code = main(["export", "--study", "demo-cpu", "--out", str(out), "-o", str(target), "--on-search"])

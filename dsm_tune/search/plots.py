@@ -147,7 +147,7 @@ def _plotly_figure(table, front, winner, max_drop, title):
     if len(front):
         bars = _error_bars(front, "accuracy_drop", "accuracy_drop_ci_low", "accuracy_drop_ci_high")
         figure.add_trace(go.Scatter(
-            x=front["latency_ms"], y=front["accuracy_drop"], mode="lines+markers", name="Pareto front (95% CI)",
+            x=front["latency_ms"], y=front["accuracy_drop"], mode="lines+markers", name="Pareto front",
             line=dict(color=FRONT_COLOUR, shape="hv", width=2), marker=dict(color=FRONT_COLOUR, size=9),
             error_y=dict(type="data", symmetric=False, array=bars[1], arrayminus=bars[0], thickness=1)
             if bars else None, hovertext=front.apply(_hover, axis=1).tolist(), hoverinfo="text"))

@@ -163,6 +163,7 @@ class StudySpec:
     def check_same_study(self, stored: Mapping[str, Any]) -> None:
         """Refuse to resume a study with other identity fields than it was started with."""
         asked = self.to_dict()
+        stored = {**LEGACY_IDENTITY, **stored}   # fields a study stored before they existed: their legacy values
         differences = [f"{key} {stored.get(key)!r} (stored) vs {asked.get(key)!r} (now)"
                        for key in self.fields_of(IDENTITY) if stored.get(key) != asked.get(key)]
         if differences:
