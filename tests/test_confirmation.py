@@ -262,6 +262,21 @@ def test_verify_on_other_images_fails_only_when_the_whole_interval_is_over_the_l
     assert interval_row(within, 1.0, deciding=True)["text"] == "[0.700, 1.600]"
 
 
+def test_verify_rescores_the_study_s_own_search_images():
+    from dsm_tune.commands.verify import study_images
+
+    labels = np.repeat(np.arange(10), 6)
+    provenance = {"data_order": "balanced", "data_seed": 3, "confirm": 0.2, "confirm_data": None}
+    drawn = study_images(provenance)
+    assert drawn == {"order": "balanced", "seed": 3, "holdout": 0.2}
+    searched = select_part(labels, 24, 3, "balanced", part="search", holdout=0.2)
+    assert np.array_equal(select_part(labels, 24, part="search", **drawn), searched)
+    # A separate confirmation folder left every --data image to the search; a file from before the split kept
+    # the class-prefix order with nothing held out.
+    assert study_images({**provenance, "confirm_data": "/held"})["holdout"] == 0.0
+    assert study_images({}) == {"order": "class-prefix", "seed": 0, "holdout": 0.0}
+
+
 # --- end to end on the demo ----------------------------------------------------------------------------------------
 def test_a_demo_study_confirms_its_front_and_export_chooses_on_it(tmp_path, capsys):
     from dsm_tune.cli import main

@@ -172,14 +172,18 @@ def test_progress_line_front_table_and_report_agree(drifting_study, capsys):
     assert f"@drop<={MAX_DROP:g}: {best:.2f}x ({10.0 / best:.4g} ms)" in last
 
     def table_rows(text: str) -> dict[int, float]:
-        """trial number -> latency_ms column of a `render.format_trials` table (the seed column may be empty)."""
+        """trial number -> latency_ms column of a `render.format_trials` table, read by the columns the dashes
+        under the header mark (cells such as the seed or an interval may be empty or hold spaces)."""
+        lines = text.splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith("trial ") and "latency_ms" in line)
+        spans = {lines[at][m.start():m.end()].strip(): (m.start(), m.end())
+                 for m in re.finditer(r"-+", lines[at + 1])}
         rows = {}
-        for line in text.splitlines():
-            cells = line.split()
-            number = re.fullmatch(r"(\d+)[*P~]*", cells[0]) if cells else None
-            if number:
-                seedless = re.fullmatch(r"-?[\d.]+", cells[1]) is not None
-                rows[int(number.group(1))] = float(cells[2 if seedless else 3])
+        for line in lines[at + 2:]:
+            number = re.fullmatch(r"(\d+)[*P~]*", line[slice(*spans["trial"])].strip())
+            if not number:
+                break
+            rows[int(number.group(1))] = float(line[slice(*spans["latency_ms"])])
         return rows
 
     printed = table_rows(output.split("Pareto front (accuracy drop")[1])

@@ -114,8 +114,10 @@ def measured_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("verify")
     evaluator = TrialEvaluator("demo", "cpu", None, limit=LIMIT, warmup=1, repeats=3)
     fingerprint = evaluator.fingerprint.to_dict()
+    # The spec records how the evaluator drew its images (balanced order, seed 0, nothing held out), as a
+    # study's does: verify draws the same ones from it.
     study, _ = create_study(out, "exp", max_drop=5.0, fingerprint=fingerprint, data="demo-fashion-mnist",
-                            limit=LIMIT)
+                            limit=LIMIT, data_order="balanced", data_seed=0, confirm=0.0)
     study.set_user_attr("data_fingerprint", evaluator.baseline["data_fingerprint"])
     cfg = make_config(1, 1, [0.2, 0.3], fingerprint=fingerprint)
     figures = evaluator.evaluate(cfg)

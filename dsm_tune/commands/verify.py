@@ -112,6 +112,15 @@ def interval_row(measured: Mapping[str, Any], limit: Any, deciding: bool) -> dic
             "ok": ok}
 
 
+def study_images(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """How the study drew its search images from its --data, so re-measuring there scores those very images: the
+    order, its seed and the share held out for confirmation (a file from before these existed: its class-prefix
+    order, nothing held out)."""
+    holdout = 0.0 if provenance.get("confirm_data") else float(provenance.get("confirm") or 0.0)
+    return {"order": provenance.get("data_order") or "class-prefix", "seed": int(provenance.get("data_seed") or 0),
+            "holdout": holdout}
+
+
 def _cell(value: Any, spec: str = ".3f") -> str:
     return f"{value:{spec}}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
@@ -187,7 +196,8 @@ def main(args: argparse.Namespace) -> int:
           f"{provenance.get('study')}")
     evaluator = TrialEvaluator(name, target, data, metric=metric, limit=limit, checkpoint=args.checkpoint,
                                cache_dir=args.cache_dir, pretrained=args.pretrained, img_size=img_size,
-                               warmup=args.warmup, repeats=args.repeats)
+                               warmup=args.warmup, repeats=args.repeats,
+                               **(study_images(provenance) if args.data is None else {}))
     if evaluator.accuracy is None:
         raise VerifyError(f"no images to measure the accuracy drop of {name} on: pass --data")
     measured = evaluator.evaluate(cfg)

@@ -12,7 +12,7 @@ proof of no drop). The discrete metrics get the closed-form intervals made for e
   added to each discordant cell), which keeps close to nominal coverage down to a handful of flips;
 - `agreement`: Wilson's score interval of the disagreement proportion;
 - `feature`: the normal interval of the mean (the per-image distances are bounded and n is in the hundreds).
-The coverage of each is tested on a synthetic evaluator with a known flip rate (tests/test_intervals.py).
+The coverage of each is tested on a synthetic evaluator with a known flip rate (tests/test_confirmation.py).
 """
 
 from __future__ import annotations

@@ -300,6 +300,7 @@ def freeze_trial(study: Any, number: int, selection: Mapping[str, Any] | None = 
         "data": spec.get("data"),
         "limit": spec.get("limit"),
         "data_order": spec.get("data_order", "class-prefix"),
+        "data_seed": spec.get("data_seed", 0),
         "confirm": spec.get("confirm", 0.0),
         "confirm_data": spec.get("confirm_data"),
         "data_fingerprint": study_attrs.get("data_fingerprint"),
