@@ -595,7 +595,9 @@ def section_cli(settings: Settings, clock: Clock, work: Path, args) -> dict:
         metrics={"metric": doc.get("metric"), "accuracy_drop": doc["accuracy_drop"], "speedup": doc["speedup"],
                  "latency_ms": doc["merged"]["latency_ms"], "baseline_latency_ms": doc["dense"]["latency_ms"],
                  "flops_ratio": doc["flops_ratio"], "tokens_kept": doc["tokens_kept"]},
+        # How `measure` drew its images (its defaults), so verify draws the same ones.
         provenance={"study": "gpu-check", "trial": None, "data": str(data), "limit": settings.cli_images,
+                    "data_order": "balanced", "data_seed": 0, "confirm": 0.0,
                     "data_fingerprint": (doc.get("data") or {}).get("fingerprint")})
     frozen_path = work / "cli-frozen.json"
     frozen.to_json(frozen_path)
