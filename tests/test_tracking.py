@@ -286,3 +286,55 @@ def test_driver_run_leaves_one_parent_with_a_child_per_trial_equal_to_trials_csv
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"pareto.html", "pareto.png", "trials.csv", "best.json", "spec.json"} <= artifacts
     assert load_study(study_dir).user_attrs[PARENT_ATTR] == parents[0].info.run_id
+
+
+@pytest.mark.slow
+def test_the_study_s_confirmed_figures_reach_its_children_through_the_driver(tmp_path):
+    """The confirmation runs after every trial was logged, and its figures live on the study, not on the frozen
+    trials: the driver's end must still give each confirmed child its confirmed_drop and interval."""
+    import dataclasses
+    import io
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from dsm_tune.merging import ModelFingerprint
+    from dsm_tune.search.results import CONFIRM_ATTR
+    from dsm_tune.search.study import StudySpec, run_study
+    from dsm_tune.search.testing import StandInFactory
+
+    class HeldOut:
+        """Each config scored gets a figure of its own, so a child given another's figures shows."""
+        data_fingerprint, num_images = "held-out", 100
+
+        def __init__(self):
+            self.calls = 0
+
+        def score(self, cfg):
+            self.calls += 1
+            drop = 0.3 + 0.01 * self.calls
+            return SimpleNamespace(drop=drop, ci_low=drop - 0.2, ci_high=drop + 0.2, num_images=100)
+
+    @dataclasses.dataclass(frozen=True)
+    class ConfirmingFactory(StandInFactory):
+        @property
+        def confirmer(self):
+            return HeldOut
+
+    fingerprint = ModelFingerprint("dsm_tune_demo_vit", 6, (16, 16), 1, (32, 32), 64)
+    spec = StudySpec(model="demo", target="cpu", trials=10, workers=1, no_ray=True, out=tmp_path,
+                     max_accuracy_drop=0.5, confirm=0.2)
+    run_study(spec, evaluator_factory=ConfirmingFactory(fingerprint), stream=io.StringIO())
+
+    scores = load_study(tmp_path / spec.study).user_attrs[CONFIRM_ATTR]["scores"]
+    assert scores
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, children = _runs(client)
+    by_number = {int(c.data.tags["trial_number"]): c.data.metrics for c in children}
+    for number, figures in scores.items():
+        for key in ("confirmed_drop", "confirmed_drop_ci_low", "confirmed_drop_ci_high", "confirmed_num_images"):
+            assert by_number[int(number)][key] == pytest.approx(figures[key]), (number, key)
+    unconfirmed = set(by_number) - {int(n) for n in scores}
+    assert unconfirmed and not any("confirmed_drop" in by_number[n] for n in unconfirmed)
+    csv = pd.read_csv(tmp_path / spec.study / "trials.csv").set_index("number")
+    assert {int(n) for n in scores} == set(csv.index[csv["confirmed_drop"].notna()])

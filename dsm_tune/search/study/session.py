@@ -16,7 +16,7 @@ from dsm_tune.search.diskspace import device_of, write_text_atomically
 from dsm_tune.search.folder import StudyError
 from dsm_tune.search.progress import Progress, format_duration
 from dsm_tune.search.reference import study_reference
-from dsm_tune.search.results import json_safe, pareto_numbers
+from dsm_tune.search.results import confirmed_scores, json_safe, pareto_numbers
 from dsm_tune.search.space import SearchSpace, replay_attrs
 from dsm_tune.search.study.dedup import SETTLED
 from dsm_tune.search.study.outputs import DerivedWrites, LiveOutputs, print_front, write_final_outputs
@@ -151,10 +151,13 @@ class StudySession:
 
     def end_tracking(self, frame: Any) -> None:
         """Give the tracker every finished trial (it logs what it lacks, its queue included) and close its run."""
-        # Under the current dense reference: the trials MLflow still lacks get the figures of trials.csv.
+        # Under the current dense reference: the trials MLflow still lacks get the figures of trials.csv. The
+        # confirmation's figures live on the study, not on its (frozen) trials: the records carry them, so the
+        # children logged during the study receive them now.
         reference = study_reference(self.study)
-        finished = [trial_record(t, reference) for t in self.study.get_trials(deepcopy=False)
-                    if t.state.is_finished()]
+        confirmed = confirmed_scores(self.study.user_attrs)
+        finished = [{**trial_record(t, reference), **confirmed.get(t.number, {})}
+                    for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()]
         self.tracker.end_study(pareto_numbers(frame), finished)
         self._store_parent_id()
         self._check_tracker_space()
