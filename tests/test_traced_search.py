@@ -191,7 +191,7 @@ def test_screening_stops_a_clearly_infeasible_config_on_a_prefix_and_scores_a_cl
     bad = Lookup(one_hot([(l + 1) % 3 if i % 2 else l for i, l in enumerate(labels)]), 3)   # 50 % right
     screened = evaluator.evaluate(bad, screen_drop=10.0)
     assert screened.aborted and screened.extra.get("screened") and screened.num_images == 10
-    assert screened.drop == pytest.approx(50.0)
+    assert screened.drop == pytest.approx(50.0) and screened.extra["screen_drop"] == 10.0
     close = Lookup(one_hot([(l + 1) % 3 if i == 7 else l for i, l in enumerate(labels)]), 3)  # 1 wrong: 2.5 pts
     full = evaluator.evaluate(close, screen_drop=10.0)
     assert not full.aborted and full.num_images == 40 and full.drop == pytest.approx(2.5)
@@ -209,6 +209,11 @@ def test_timing_is_skipped_only_when_the_config_cannot_enter_the_front():
     assert timing_skip_reason(_accuracy(0.3), policy) is None                 # lower drop than the front point
     assert timing_skip_reason(_accuracy(0.6), {**policy, "predicted_speedup": 1.40}) is None   # could beat it
     assert timing_skip_reason(_accuracy(0.6), None) is None
+    # Screened against a faster timed point's lower drop, a partial drop within the limit is not "over the limit":
+    # the reason names the bar it cleared.
+    screened = AccuracyResult("top1", 0.0, 0.0, 0.0, True, 128, {"screened": True, "screen_drop": -1.0})
+    reason = timing_skip_reason(screened, policy)
+    assert "over the limit" not in reason and "screened out on 128 images" in reason and "above -1.000" in reason
 
 
 # the proposer over a synthetic model -----------------------------------------------------------------------------

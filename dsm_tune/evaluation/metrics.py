@@ -240,6 +240,7 @@ class AccuracyEvaluator:
         result = tally.result(self.baseline_value, seen, total, aborted)
         if screened:
             result.extra["screened"] = True
+            result.extra["screen_drop"] = float(screen_drop)
         return result
 
 

@@ -102,6 +102,12 @@ def timing_skip_reason(accuracy: AccuracyResult | None, policy: dict | None) -> 
     if not policy or accuracy is None:
         return None
     drop = accuracy.drop
+    if accuracy.extra.get("screened"):
+        # The screen's bar is the limit or, lower, the drop of a timed config faster than this one can be: the
+        # partial drop itself may well be within the limit, so the reason names the bar it cleared.
+        bar = accuracy.extra.get("screen_drop", policy["max_drop"])
+        return (f"screened out on {accuracy.num_images} images: drop {drop:.3f} is surely above {bar:.3f} (the "
+                f"limit, or the drop of a timed config faster than this one can be)")
     if accuracy.aborted or drop > policy["max_drop"]:
         return f"accuracy drop {drop:.3f} is over the limit {policy['max_drop']:g}"
     predicted = policy.get("predicted_speedup")

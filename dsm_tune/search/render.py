@@ -141,4 +141,4 @@ def latency_model_summary(df: pd.DataFrame) -> str | None:
     errors = (predicted[both] / measured[both] - 1.0).abs()
     return (f"latency model: predicted speedups within {100 * errors.median():.1f}% of the measured ones (median; "
             f"worst {100 * errors.max():.1f}%) over {int(both.sum())} timed trials; {untimed} trial(s) not timed "
-            f"(over the limit, or predicted off the front)")
+            f"(over the limit, screened out, or predicted off the front)")
