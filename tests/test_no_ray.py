@@ -154,7 +154,9 @@ def test_a_no_ray_study_gives_what_a_ray_study_gives_without_importing_ray(tmp_p
 def test_resume_after_the_process_is_stopped_mid_trial_loses_no_finished_trial(tmp_path, stop):
     spec = _spec(tmp_path)
     started = tmp_path / "started.log"
-    process = _start(spec, cost_s=0.4, started_log=str(started))
+    # Each evaluation lasts long enough that the signal surely lands inside the 4th, even when this test process
+    # is slow to notice its line on a loaded CI machine (0.4 s once proved too tight there).
+    process = _start(spec, cost_s=1.5, started_log=str(started))
     _wait_for_lines(started, 4, process)   # the 4th evaluation is running
     time.sleep(0.1)
     process.send_signal(stop)
