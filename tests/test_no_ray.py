@@ -38,8 +38,11 @@ SETTLED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 # One study run in a fresh interpreter: argv[1] is {"spec": ..., "factory": ..., "block_ray": ...}. The last line
 # says whether Ray got imported (with block_ray, any `import ray` raises instead).
+# The driver as a terminal runs it: SIGINT raises KeyboardInterrupt even where the test runner was started with
+# SIGINT ignored (a background job, as CI may be), which the child would otherwise inherit and so never stop.
 DRIVER = """
-import json, sys
+import json, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 args = json.loads(sys.argv[1])
 if args["block_ray"]:
     sys.modules["ray"] = None
@@ -154,9 +157,7 @@ def test_a_no_ray_study_gives_what_a_ray_study_gives_without_importing_ray(tmp_p
 def test_resume_after_the_process_is_stopped_mid_trial_loses_no_finished_trial(tmp_path, stop):
     spec = _spec(tmp_path)
     started = tmp_path / "started.log"
-    # Each evaluation lasts long enough that the signal surely lands inside the 4th, even when this test process
-    # is slow to notice its line on a loaded CI machine (0.4 s once proved too tight there).
-    process = _start(spec, cost_s=1.5, started_log=str(started))
+    process = _start(spec, cost_s=0.4, started_log=str(started))
     _wait_for_lines(started, 4, process)   # the 4th evaluation is running
     time.sleep(0.1)
     process.send_signal(stop)
