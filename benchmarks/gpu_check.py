@@ -120,7 +120,7 @@ def configs_for(model: torch.nn.Module) -> dict[str, Any]:
     """ToMe (constant r from block 0) and a delayed hierarchical schedule (the DSM paper's shape), both merging
     about 3/4 of the patch tokens by the last block, each with and without proportional attention."""
     from dsm_tune.merging import DSMConfig, ModelFingerprint
-    from dsm_tune.search.shapes import Shape, compile_schedule
+    from dsm_tune.search.strategies.traced.shapes import Shape, compile_schedule
 
     fingerprint = ModelFingerprint.from_model(model)
     blocks, patches = fingerprint.num_blocks, fingerprint.grid[0] * fingerprint.grid[1]

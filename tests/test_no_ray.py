@@ -24,7 +24,8 @@ from optuna.trial import TrialState
 from dsm_tune.cli import main as cli_main
 from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.results import load_study
-from dsm_tune.search.space import SPACES_DIR, load_space, replay_attrs
+from dsm_tune.search.space import SPACES_DIR, load_space
+from dsm_tune.search.strategies import replay_attrs
 from dsm_tune.search.study import StudyError, StudySpec, run_study
 from dsm_tune.search.study.tell import (
     EVALUATED, EVALUATING, IN_PROCESS_ATTR, KILLED_PROCESS_ATTR, MAX_PROCESS_DEATHS, PROCESS_DEATHS_ATTR, recover_stale,

@@ -12,16 +12,15 @@ import pytest
 
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.merging import DSMConfig, ModelFingerprint, Stage, token_schedule
-from dsm_tune.search.space import (
-    SPACES_DIR, SearchSpace, SpaceError, load_space, parse_space, plan_key, replay_attrs, space_file_for,
-)
+from dsm_tune.search.space import SPACES_DIR, load_space, parse_space, space_file_for
+from dsm_tune.search.strategies import SampledSpace, SpaceError, plan_key, replay_attrs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 SAMPLED_DIR = SPACES_DIR / "sampled"
 
 
-def sampled_space(name: str, fingerprint: ModelFingerprint) -> SearchSpace:
+def sampled_space(name: str, fingerprint: ModelFingerprint) -> SampledSpace:
     """The shipped sampled space a model's name picks."""
     return load_space(space_file_for(name, fingerprint, SAMPLED_DIR), name, fingerprint)
 
@@ -47,7 +46,7 @@ proportional_attention: [true, false]
 """
 
 
-def _space(text: str = BASE_YAML, fingerprint: ModelFingerprint = DEMO) -> SearchSpace:
+def _space(text: str = BASE_YAML, fingerprint: ModelFingerprint = DEMO) -> SampledSpace:
     return parse_space(text, fingerprint, Path("test_space.yaml"))
 
 

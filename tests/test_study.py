@@ -323,7 +323,7 @@ class OneAtATimeProposer:
     stop), evaluator options on every proposal, and nothing at all after `limit` proposals (exhausted)."""
 
     def __init__(self, space, limit):
-        from dsm_tune.search.study import SamplerProposer
+        from dsm_tune.search.strategies import SamplerProposer
 
         self.inner = SamplerProposer(space)
         self.limit = limit

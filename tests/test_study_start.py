@@ -12,7 +12,7 @@ import torch
 from filelock import FileLock
 from mlflow import MlflowClient
 
-import dsm_tune.search.study as study_module
+import dsm_tune.search.study.driver as study_module
 from dsm_tune.cli import main as cli_main
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.search.folder import PENDING_FILE

@@ -14,11 +14,12 @@ from optuna.trial import TrialState
 from dsm_tune.evaluation.metrics import AccuracyEvaluator, AccuracyResult
 from dsm_tune.evaluation.trial import timing_skip_reason
 from dsm_tune.merging import DSMConfig, ModelFingerprint, Stage, block_plan
-from dsm_tune.search.costmodel import LatencyModel
-from dsm_tune.search.shapes import TOME_SHAPE, Shape, compile_schedule, tome_budget
-from dsm_tune.search.space import SpaceError, TracedSpace, parse_space
-from dsm_tune.search.strategy import SPEEDUP_PREDICTED_ATTR, TracedProposer
-from dsm_tune.search.tracer import BudgetTracer
+from dsm_tune.search.strategies.traced.latency_model import LatencyModel
+from dsm_tune.search.strategies.traced.shapes import TOME_SHAPE, Shape, compile_schedule, tome_budget
+from dsm_tune.search.space import parse_space
+from dsm_tune.search.strategies import SpaceError, TracedSpace
+from dsm_tune.search.strategies.traced import SPEEDUP_PREDICTED_ATTR, TracedProposer
+from dsm_tune.search.strategies.traced.tracer import BudgetTracer
 
 from .test_metrics import Lookup, one_hot, toy_data
 

@@ -13,8 +13,9 @@ from optuna.trial import TrialState
 
 from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.results import load_study, open_storage
-from dsm_tune.search.space import TracedSpace, load_space
-from dsm_tune.search.strategy import SHAPE_ATTR, SPEEDUP_PREDICTED_ATTR, TracedProposer
+from dsm_tune.search.space import load_space
+from dsm_tune.search.strategies import TracedSpace
+from dsm_tune.search.strategies.traced import SHAPE_ATTR, SPEEDUP_PREDICTED_ATTR, TracedProposer
 from dsm_tune.search.study import StudySpec, run_study
 from dsm_tune.search.testing import StandInFactory
 from dsm_tune.search.workers import start_ray, stop_ray

@@ -87,19 +87,27 @@ def _points(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) and math.isfinite(value) else "?"
 
 
-def scorer_factory_for(spec: Mapping[str, Any], cache_dir: str | None) -> Callable[[], Scorer]:
-    """The production scorer of a stored study spec (built only when called)."""
+def scorer_factory_for(spec: Mapping[str, Any], cache_dir: str | None,
+                       target: Any = None) -> Callable[[], Scorer]:
+    """The production scorer of a stored study spec (built only when called); `target`: its resolved profile,
+    when the caller has it."""
     def build() -> Scorer:
-        from dsm_tune.evaluation.targets import load_target
+        import dataclasses
+
+        from dsm_tune.evaluation.targets import check_device_present, load_target
         from dsm_tune.evaluation.trial import HeldOutScorer
 
         try:
-            target: Any = load_target(str(spec["target"]), batch_size=spec.get("batch_size"),
-                                      dtype=spec.get("dtype"), compile=False)
+            if target is None:
+                profile: Any = load_target(str(spec["target"]), batch_size=spec.get("batch_size"),
+                                           dtype=spec.get("dtype"), compile=False)
+            else:
+                check_device_present(target)
+                profile = dataclasses.replace(target, compile=False)
         except Exception:   # noqa: BLE001 - the device is elsewhere: HeldOutScorer falls back to the CPU
-            target = str(spec["target"])
+            profile = str(spec["target"])
         confirm_data = spec.get("confirm_data")
-        scorer = HeldOutScorer(spec["model"], target, spec.get("data"), metric=spec.get("metric"),
+        scorer = HeldOutScorer(spec["model"], profile, spec.get("data"), metric=spec.get("metric"),
                                limit=spec.get("limit"), checkpoint=spec.get("checkpoint"), cache_dir=cache_dir,
                                pretrained=bool(spec.get("pretrained")), order=spec.get("data_order") or "balanced",
                                seed=int(spec.get("data_seed") or 0),

@@ -28,9 +28,8 @@ import yaml
 
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.evaluation.probe import ProbeResult
+from dsm_tune.search.strategies.sampled import DEFAULT_RATIO_STEP, RATIO_DIGITS
 
-DEFAULT_RATIO_STEP = 0.01   # the space parser's default grid of sampled ratios
-_RATIO_DIGITS = 6
 
 
 class ProbeNarrowError(DSMTuneError):
@@ -153,7 +152,7 @@ def _narrow_first_ratio(narrowed: dict[str, Any], probe: ProbeResult, block: int
     share, measured = _redundancy_share(probe, block)
     step = float(narrowed.get("ratio_step", DEFAULT_RATIO_STEP))
     steps = math.floor(((high - low) * share) / step + 1e-9)
-    new_high = min(round(low + max(1, steps) * step, _RATIO_DIGITS), high)
+    new_high = min(round(low + max(1, steps) * step, RATIO_DIGITS), high)
     ranges = [list(r) for r in value] if per_stage else [[low, high] for _ in range(_max_stages(narrowed))]
     ranges[0] = [low, new_high]
     narrowed["stage_ratio"] = ranges
@@ -191,7 +190,7 @@ def narrow_study_space(spec: Any, probe: ProbeResult) -> dict[str, Any]:
     """
     from dsm_tune.evaluation.models import resolve_model_name
     from dsm_tune.search.space import precheck_space
-    from dsm_tune.search.study import study_space_text
+    from dsm_tune.search.study.preflight import study_space_text
 
     if resolve_model_name(probe.model) != resolve_model_name(spec.model):
         raise ProbeNarrowError(f"the probe was measured on {probe.model}, the study tunes {spec.model}; probe the "

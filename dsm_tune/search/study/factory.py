@@ -63,9 +63,3 @@ class DefaultEvaluatorFactory:
                               holdout=self.holdout, seed=self.data_seed)
 
 
-def resolve_target(spec: StudySpec) -> Any:
-    from dsm_tune.evaluation.targets import load_target
-
-    # A remote cluster has the devices, this machine may not: only resolve the profile then.
-    return load_target(spec.target, batch_size=spec.batch_size, dtype=spec.dtype, compile=spec.compile,
-                       check_available=spec.ray_address is None)

@@ -16,9 +16,8 @@ from dsm_tune.search.folder import StudyError
 from dsm_tune.search.progress import Progress
 from dsm_tune.search.reference import NOISY_ATTR, truthy
 from dsm_tune.search.results import config_attr
-from dsm_tune.search.space import SearchSpace, SpaceError, plan_key
+from dsm_tune.search.strategies import FINISHED, Proposal, Proposer, Space, SpaceError, plan_key
 from dsm_tune.search.study.dedup import SETTLED, PlanCache, Task
-from dsm_tune.search.study.proposer import Proposal, Proposer
 from dsm_tune.search.study.spec import StudySpec
 from dsm_tune.search.study.tell import MAX_PROCESS_DEATHS, Teller, process_killers
 from dsm_tune.search.workers import (
@@ -32,38 +31,31 @@ WAIT_SLICE_S = 0.5
 
 class Loop:
     """Runs one session of the study to its budget. `on_told(frozen_trial)` runs after every tell (outputs,
-    tracking); `stopped_by` says why `run` returned: trials | timeout | exhausted (the proposer had nothing
-    more)."""
+    tracking); `stopped_by` says why `run` returned: trials | timeout | exhausted (the proposer had no more)."""
 
     def __init__(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
-                 space: SearchSpace, proposer: Proposer, pool: WorkerPool, progress: Progress,
+                 space: Space, proposer: Proposer, pool: WorkerPool, progress: Progress,
                  elapsed_before: float, on_told: Callable[[optuna.trial.FrozenTrial], None]):
         self.spec, self.study, self.space, self.proposer = spec, study, space, proposer
         self.pool, self.progress, self.on_told = pool, progress, on_told
-        self.elapsed_before = elapsed_before
-        self.session_start = time.monotonic()
+        self.elapsed_before, self.session_start = elapsed_before, time.monotonic()
         finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
         self.cache = PlanCache(finished)
         self.teller = Teller(study, storage, spec.max_accuracy_drop, self.told,
                              used=sum(t.state in SETTLED for t in finished))
         self.ready: Task | None = None
-        self.exhausted = False
+        self.exhausted = self.finished = False   # finished: FINISHED said, never ask again
         self.measured_now = self.fresh_deaths = self.consecutive_errors = 0
         self.stopped_by = "trials"
         self._handlers = {WorkerReady: lambda event: None, WorkerFailedToStart: self._on_start_failed,
                           TrialDone: self._on_done, TrialRaised: self._on_raised, WorkerDied: self._on_died}
         for trial in finished:
-            self._record_progress(trial, earlier=True)
+            record_progress(self.progress, trial, self.teller.reference.latency_ms, earlier=True)
             proposer.observe(trial)
         # Plans whose config ended the driver's process when evaluated in-process (tell.IN_PROCESS_ATTR): never
         # evaluated again, or a sampler that proposes them anew would crash the study once per proposal.
-        self.killers = process_killers(finished)
-        for number in sorted(self.killers.values()):
-            self.progress.message(f"dsm-tune: trial {number}'s config ended the process each of the "
-                                  f"{MAX_PROCESS_DEATHS} times it was evaluated in-process: failed, not measured "
-                                  f"again")
+        self.killers = _announce_killers(process_killers(finished), progress)
 
-    # bookkeeping -----------------------------------------------------------------------------------------------
     def elapsed(self) -> float:
         return self.elapsed_before + (time.monotonic() - self.session_start)
 
@@ -73,16 +65,8 @@ class Loop:
     def timed_out(self) -> bool:
         return self.spec.timeout is not None and self.elapsed() >= self.spec.timeout
 
-    def _record_progress(self, trial: optuna.trial.FrozenTrial, earlier: bool = False) -> None:
-        attrs = trial.user_attrs
-        self.progress.reference_ms = self.teller.reference.latency_ms
-        self.progress.record(trial.state.name, attrs.get("accuracy_drop"), attrs.get("latency_ms"),
-                             attrs.get("speedup"), trial.number, earlier=earlier,
-                             noisy=truthy(attrs.get(NOISY_ATTR)),
-                             drop_interval=(attrs.get("accuracy_drop_ci_low"), attrs.get("accuracy_drop_ci_high")))
-
     def told(self, frozen: optuna.trial.FrozenTrial) -> None:
-        self._record_progress(frozen)
+        record_progress(self.progress, frozen, self.teller.reference.latency_ms)
         self.study.set_user_attr("elapsed_s", round(self.elapsed(), 3))
         self.on_told(frozen)
         note = self.proposer.observe(frozen)
@@ -90,7 +74,6 @@ class Loop:
             self.progress.message(f"dsm-tune: {note}")
         self.progress.update(force=True)
 
-    # asking ----------------------------------------------------------------------------------------------------
     def _admit(self, proposal: Proposal) -> Task | None:
         """The task for a worker, or None when the proposal was settled here."""
         trial = proposal.trial
@@ -122,11 +105,11 @@ class Loop:
         return task if self.cache.claim(task) else None
 
     def _next_task(self) -> Task | None:
-        self.exhausted = False
-        while self.ready is None and not self.timed_out() and self.budget_left():
+        self.exhausted = self.finished
+        while self.ready is None and not self.finished and not self.timed_out() and self.budget_left():
             proposal = self.proposer.propose(self.study)
-            if proposal is None:
-                self.exhausted = True
+            if proposal is None or proposal is FINISHED:
+                self.exhausted, self.finished = True, proposal is FINISHED
                 break
             self.ready = self._admit(proposal)
         return self.ready
@@ -144,7 +127,6 @@ class Loop:
         if prefetch and self.pool.pending():
             self._next_task()
 
-    # events ----------------------------------------------------------------------------------------------------
     def handle(self, event: PoolEvent) -> None:
         self._handlers[type(event)](event)
 
@@ -155,10 +137,6 @@ class Loop:
             else:   # the original did not finish: this one is measured itself in a later run
                 self.teller.requeue(waiter, "the trial it duplicated did not finish; queued again")
 
-    def _on_start_failed(self, event: WorkerFailedToStart) -> None:
-        if event.info.error is not None:
-            raise event.info.error   # a user error (missing data, unknown model): as itself, at once
-        self._count_fresh_death(event.slot, f"{event.slot.name} could not start: {event.info.error_text}")
 
     def _on_died(self, event: WorkerDied) -> None:
         if event.task is not None:
@@ -192,6 +170,11 @@ class Loop:
         self.cache.remember(finished)
         self._settle(waiters, finished)
 
+    def _on_start_failed(self, event: WorkerFailedToStart) -> None:
+        if event.info.error is not None:
+            raise event.info.error   # a user error (missing data, unknown model): as itself, at once
+        self._count_fresh_death(event.slot, f"{event.slot.name} could not start: {event.info.error_text}")
+
     def _count_fresh_death(self, slot: Slot, reason: str) -> None:
         self.fresh_deaths += 1
         if self.fresh_deaths >= MAX_FRESH_DEATHS:
@@ -200,7 +183,6 @@ class Loop:
         self.progress.message(f"dsm-tune: {reason}; starting a new worker")
         self.pool.replace(slot)
 
-    # running ---------------------------------------------------------------------------------------------------
     def run(self) -> None:
         while True:
             if self.timed_out() and self.stopped_by != "timeout":
@@ -244,3 +226,19 @@ class Loop:
         for task in unfinished:
             self.teller.requeue(task, "interrupted before it finished; queued again for the next run")
         return len(unfinished)
+
+
+def record_progress(progress: Progress, trial: optuna.trial.FrozenTrial, reference_ms: float | None,
+                    earlier: bool = False) -> None:
+    attrs = trial.user_attrs
+    progress.reference_ms = reference_ms
+    progress.record(trial.state.name, attrs.get("accuracy_drop"), attrs.get("latency_ms"), attrs.get("speedup"),
+                    trial.number, earlier=earlier, noisy=truthy(attrs.get(NOISY_ATTR)),
+                    drop_interval=(attrs.get("accuracy_drop_ci_low"), attrs.get("accuracy_drop_ci_high")))
+
+
+def _announce_killers(killers: dict[str, int], progress: Progress) -> dict[str, int]:
+    for number in sorted(killers.values()):
+        progress.message(f"dsm-tune: trial {number}'s config ended the process each of the {MAX_PROCESS_DEATHS} "
+                         f"times it was evaluated in-process: failed, not measured again")
+    return killers

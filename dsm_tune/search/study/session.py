@@ -17,10 +17,9 @@ from dsm_tune.search.folder import StudyError
 from dsm_tune.search.progress import Progress, format_duration
 from dsm_tune.search.reference import study_reference
 from dsm_tune.search.results import confirmed_scores, json_safe, pareto_numbers
-from dsm_tune.search.space import SearchSpace, replay_attrs
+from dsm_tune.search.strategies import SampledSpace, Space, make_sampler, replay_attrs
 from dsm_tune.search.study.dedup import SETTLED
 from dsm_tune.search.study.outputs import DerivedWrites, LiveOutputs, print_front, write_final_outputs
-from dsm_tune.search.study.proposer import make_sampler
 from dsm_tune.search.study.spec import StudySpec, library_versions
 from dsm_tune.search.study.tell import DIRECTIONS, recover_stale
 from dsm_tune.search.tracking import PARENT_ATTR, trial_record
@@ -109,7 +108,7 @@ class StudySession:
         study.set_user_attr("elapsed_s", float(study.user_attrs.get("elapsed_s") or 0.0))
         write_text_atomically(self.folder.space_copy, space_text)
 
-    def prepare(self, space: SearchSpace) -> None:
+    def prepare(self, space: Space) -> None:
         recovered = recover_stale(self.study, self.storage)
         if recovered:
             self.progress.message(f"dsm-tune: {recovered} trial(s) were running when the last run ended: marked "
@@ -119,11 +118,11 @@ class StudySession:
             self.progress.message(f"dsm-tune: queued {seeded} seed configs (dense, ToMe constant-r, DSM paper "
                                   f"style)")
 
-    def _enqueue_seeds(self, space: SearchSpace) -> int:
+    def _enqueue_seeds(self, space: Space) -> int:
         if self.study.user_attrs.get("seeded"):
             return 0
-        # A traced space's seeds are shapes, which its proposer traces itself (search/strategy.py).
-        seeds = space.seeds() if isinstance(space, SearchSpace) else []
+        # A traced space's seeds are shapes, which its proposer traces itself (strategies/traced/).
+        seeds = space.seeds() if isinstance(space, SampledSpace) else []
         for seed in seeds:
             params = space.params_for(seed.config)
             self.study.enqueue_trial(params, user_attrs={**replay_attrs(params), "seed_kind": seed.kind})

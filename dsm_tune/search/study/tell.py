@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from dsm_tune.search.reference import REFERENCE_ATTR, DenseReference, MEASURED_STATES, trial_dense_ms
 from dsm_tune.search.results import json_safe
-from dsm_tune.search.space import replay_attrs
+from dsm_tune.search.strategies import replay_attrs
 from dsm_tune.search.study.dedup import Task
 from dsm_tune.search.workers import is_finite_number
 

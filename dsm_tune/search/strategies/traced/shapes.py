@@ -21,8 +21,9 @@ tokens) leaves unmerged is carried to the following blocks, so the realised sche
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from dsm_tune.merging import DSMConfig, ModelFingerprint, Stage
 
@@ -129,3 +130,28 @@ def tome_budget(r: int, fingerprint: ModelFingerprint) -> float:
 
 
 TOME_SHAPE = Shape(start_layer=0, hierarchy_depth=0, local_blocks=1, front_loading=0.0, proportional_attention=True)
+
+
+class ShapeBounds(Protocol):
+    start_layer: tuple[int, int]
+    hierarchy_depth: tuple[int, int]
+    local_blocks: tuple[int, int]
+    front_loading: tuple[float, float]
+
+
+def mutate(shape: Shape, bounds: ShapeBounds, rng: random.Random) -> Shape:
+    """A neighbour of `shape`: one or two of its parameters moved by one step, clipped to `bounds`."""
+    clip = lambda value, limits: min(max(value, limits[0]), limits[1])
+    moves = {
+        "start_layer": lambda s: {"start_layer": clip(s.start_layer + rng.choice((-1, 1)), bounds.start_layer)},
+        "hierarchy_depth": lambda s: {"hierarchy_depth": clip(s.hierarchy_depth + rng.choice((-1, 1)),
+                                                              bounds.hierarchy_depth)},
+        "local_blocks": lambda s: {"local_blocks": clip(s.local_blocks + rng.choice((-1, 1)), bounds.local_blocks)},
+        "front_loading": lambda s: {"front_loading": round(clip(s.front_loading + rng.choice((-0.5, 0.5)),
+                                                                bounds.front_loading), 3)},
+    }
+    names = [n for n in moves if n != "local_blocks" or shape.hierarchy_depth]
+    changes: dict[str, Any] = {}
+    for name in rng.sample(names, k=min(len(names), rng.choice((1, 2)))):
+        changes.update(moves[name](shape))
+    return Shape(**{**shape.params(), **changes})

@@ -2,18 +2,18 @@
 what is worth timing.
 
 Why: the per-stage ratio space has about ten loosely coupled dimensions; a 30-trial TPE cannot learn its
-structure, and on a real ViT-S it lost to a hand sweep of ToMe's r (issue 8). Split the schedule instead into a
+structure, and on a real ViT-S it lost to a hand sweep of ToMe's r. Split the schedule instead into a
 *shape* (start, hierarchy, spread over blocks, proportional attention: what accuracy mostly depends on) and a
 *budget* (how many tokens go: what latency depends on, monotonically). Then:
 - the shape sampler sees one number per shape (its traced front, scored with the latency model, which averages
   the timing noise of every trial instead of carrying one trial's), so it learns from few, clean signals; it
   alternates a model-based proposal (TPE) with a small mutation of the best shape so far, because a handful of
   shapes is too few for TPE alone;
-- `BudgetTracer` finds each shape's best budget within the limit in a few trials (search/tracer.py);
+- `BudgetTracer` finds each shape's best budget within the limit in a few trials (tracer.py);
 - accuracy is screened on a stratified quarter of the images first (`screen_drop`): a config that is clearly
   over the limit, or clearly less accurate than a timed config faster than it can be, costs a quarter of a trial,
   and its estimated drop still brackets the bisection;
-- latency is predicted from the token schedule by `LatencyModel` (search/costmodel.py), fitted online, and only
+- latency is predicted from the token schedule by `LatencyModel` (latency_model.py), fitted online, and only
   configs that could enter the front are timed (`timing`); predicted and measured speedups of every timed trial
   are recorded (`speedup_predicted`), so the model's error is reported.
 
@@ -35,12 +35,11 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dsm_tune.merging import DSMConfig
-from dsm_tune.search.costmodel import LatencyModel
-from dsm_tune.search.shapes import BUDGET_PARAM, Shape
-from dsm_tune.search.space import TracedSpace, plan_key
-from dsm_tune.search.study.proposer import Proposal
-from dsm_tune.search.study.tell import QUEUED_AGAIN_ATTR
-from dsm_tune.search.tracer import BudgetTracer, TracePoint, log_drop_slope
+from dsm_tune.search.strategies.base import FINISHED, Proposal, plan_key
+from dsm_tune.search.strategies.traced.latency_model import LatencyModel
+from dsm_tune.search.strategies.traced.shapes import BUDGET_PARAM, Shape, mutate
+from dsm_tune.search.strategies.traced.space import TracedSpace
+from dsm_tune.search.strategies.traced.tracer import BudgetTracer, TracePoint, log_drop_slope
 
 SHAPE_ATTR = "shape"                 # trial user attr: the shape's key
 SPEEDUP_PREDICTED_ATTR = "speedup_predicted"
@@ -73,6 +72,13 @@ def _make_shape_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=3, constant_liar=True)
 
 
+def _sampler_params(shape: Shape) -> dict[str, Any]:
+    params = shape.params()
+    if not shape.hierarchy_depth:
+        params.pop("local_blocks")   # the shape sampler fixes it without windows (TracedSpace.suggest_shape)
+    return params
+
+
 class TracedProposer:
     def __init__(self, space: TracedSpace, max_drop: float, *, sampler: str = "tpe", seed: int = 0,
                  device: str = "cpu", batch_size: int = 1, workers: int = 1):
@@ -103,7 +109,7 @@ class TracedProposer:
             run = self.runs.get(shape.key())
             if run is not None:
                 run.tracer.pending.discard(budget)
-                if not attrs.get(QUEUED_AGAIN_ATTR):
+                if not attrs.get("queued_again"):
                     # A config that crashed its worker or raised: the tracer moves below it, as if infeasible.
                     run.tracer.tell(budget, None)
                     return self._finish_if_done(run)
@@ -129,7 +135,7 @@ class TracedProposer:
         return self._finish_if_done(run)
 
     # proposing ---------------------------------------------------------------------------------------------
-    def propose(self, study: optuna.Study) -> Proposal | None:
+    def propose(self, study: optuna.Study) -> Proposal | None | object:
         if any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
             return self._replay_waiting(study)
         if not self.dense_seen:
@@ -143,7 +149,7 @@ class TracedProposer:
             return None   # every open shape waits for a result; more open shapes would only guess blindly
         run = self._open_next()
         if run is None:
-            return None
+            return None if self._active() else FINISHED
         budget = run.tracer.propose()
         return self._ask(study, run.shape, budget, run.kind) if budget is not None else None
 
@@ -184,7 +190,7 @@ class TracedProposer:
 
     # shapes ------------------------------------------------------------------------------------------------
     def _open(self, shape: Shape, kind: str | None, origin: str) -> _ShapeRun:
-        self.shape_study.enqueue_trial(self._sampler_params(shape))
+        self.shape_study.enqueue_trial(_sampler_params(shape))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # a fixed parameter outside the sampler's range is fine here
             sampler_trial = self.shape_study.ask()
@@ -201,11 +207,6 @@ class TracedProposer:
         run = self.runs[shape.key()] = _ShapeRun(shape, kind, tracer, sampler_trial, origin=origin)
         return run
 
-    def _sampler_params(self, shape: Shape) -> dict[str, Any]:
-        params = shape.params()
-        if not shape.hierarchy_depth:
-            params.pop("local_blocks")
-        return params
 
     def _open_next(self) -> _ShapeRun | None:
         while self.seed_queue:
@@ -214,9 +215,8 @@ class TracedProposer:
                 return self._open(shape, kind, "seed")
         for _ in range(20):
             self.sampled_shapes += 1
-            mutate = self.sampled_shapes % 2 == 0 and self._incumbent() is not None
-            if mutate:
-                shape = self._mutate(self._incumbent().shape)
+            if self.sampled_shapes % 2 == 0 and self._incumbent() is not None:
+                shape = mutate(self._incumbent().shape, self.space, self.rng)
                 if shape.key() in self.runs:
                     continue
                 return self._open(shape, None, "mutation")
@@ -229,25 +229,6 @@ class TracedProposer:
                 continue
             return self._register(shape, None, sampler_trial)
         return None
-
-    def _mutate(self, shape: Shape) -> Shape:
-        """A neighbour of `shape`: one or two of its parameters moved by one step, clipped to the space."""
-        space = self.space
-        clip = lambda value, bounds: min(max(value, bounds[0]), bounds[1])
-        moves = {
-            "start_layer": lambda s: {"start_layer": clip(s.start_layer + self.rng.choice((-1, 1)), space.start_layer)},
-            "hierarchy_depth": lambda s: {"hierarchy_depth": clip(s.hierarchy_depth + self.rng.choice((-1, 1)),
-                                                                  space.hierarchy_depth)},
-            "local_blocks": lambda s: {"local_blocks": clip(s.local_blocks + self.rng.choice((-1, 1)),
-                                                            space.local_blocks)},
-            "front_loading": lambda s: {"front_loading": round(clip(s.front_loading + self.rng.choice((-0.5, 0.5)),
-                                                                    space.front_loading), 3)},
-        }
-        names = [n for n in moves if n != "local_blocks" or shape.hierarchy_depth]
-        changes: dict[str, Any] = {}
-        for name in self.rng.sample(names, k=min(len(names), self.rng.choice((1, 2)))):
-            changes.update(moves[name](shape))
-        return Shape(**{**shape.params(), **changes})
 
     def _incumbent(self) -> _ShapeRun | None:
         finished = [run for run in self.runs.values() if run.finished]
