@@ -88,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_spec(args: argparse.Namespace):
     from dsm_tune.search.study import DEFAULT_SAMPLER, StudyError, StudySpec, resume_spec
-    from dsm_tune.search.study.spec import BUDGET
+    from dsm_tune.search.spec import BUDGET
 
     out = Path(args.out) if args.out is not None else DEFAULT_OUT
     # A resume may change the budget and infrastructure fields (`StudySpec` marks them); --no-mlflow sets `mlflow`.

@@ -10,17 +10,15 @@ A new strategy is a module here plus a branch in `default_proposer`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 from dsm_tune.evaluation.targets import Target, load_target
+from dsm_tune.search.spec import StudySpec
 from dsm_tune.search.strategies.base import (
     FINISHED, Proposal, Proposer, ProposerFactory, SpaceError, min_tokens_violation, plan_key,
 )
 from dsm_tune.search.strategies.sampled import SampledSpace, SamplerProposer, Seed, make_sampler, replay_attrs
 from dsm_tune.search.strategies.traced import TracedProposer, TracedSpace
-
-if TYPE_CHECKING:
-    from dsm_tune.search.study.spec import StudySpec
 
 Space = Union[SampledSpace, TracedSpace]
 
@@ -29,7 +27,7 @@ __all__ = ["FINISHED", "Proposal", "Proposer", "ProposerFactory", "SampledSpace"
            "min_tokens_violation", "plan_key", "replay_attrs"]
 
 
-def default_proposer(space: Space, spec: "StudySpec", target: Target | None = None) -> Proposer:
+def default_proposer(space: Space, spec: StudySpec, target: Target | None = None) -> Proposer:
     """The proposer a study uses when `run_study` is given none, chosen by the kind of space: a traced space
     (shape + budget) gets the traced search; a sampled space gets Optuna's sampler over its parameters.
     `target`: the study's resolved profile (the driver's); else resolved from the spec."""

@@ -34,7 +34,7 @@ from dsm_tune.search.study.factory import DefaultEvaluatorFactory
 from dsm_tune.search.study.loop import MAX_FRESH_DEATHS, WAIT_SLICE_S, Loop
 from dsm_tune.search.study.preflight import StudyPlan, preflight, resolve_plan
 from dsm_tune.search.study.session import StudyResult, StudySession, Tracker
-from dsm_tune.search.study.spec import StudySpec, resume_spec
+from dsm_tune.search.spec import StudySpec, resume_spec
 from dsm_tune.search.study.tell import mark_in_process
 from dsm_tune.search.workers import (
     Evaluator, InProcessPool, Placement, WorkerFailedToStart, WorkerInfo, WorkerPool, WorkerReady, start_ray,

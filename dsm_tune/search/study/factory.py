@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsm_tune.search.study.spec import StudySpec
+from dsm_tune.search.spec import StudySpec
 from dsm_tune.search.study.tell import ABORT_FACTOR
 
 

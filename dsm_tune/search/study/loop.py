@@ -18,7 +18,7 @@ from dsm_tune.search.reference import NOISY_ATTR, truthy
 from dsm_tune.search.results import config_attr
 from dsm_tune.search.strategies import FINISHED, Proposal, Proposer, Space, SpaceError, plan_key
 from dsm_tune.search.study.dedup import SETTLED, PlanCache, Task
-from dsm_tune.search.study.spec import StudySpec
+from dsm_tune.search.spec import StudySpec
 from dsm_tune.search.study.tell import MAX_PROCESS_DEATHS, Teller, process_killers
 from dsm_tune.search.workers import (
     PoolEvent, Slot, TrialDone, TrialRaised, WorkerDied, WorkerFailedToStart, WorkerPool, WorkerReady,

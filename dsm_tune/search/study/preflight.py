@@ -23,7 +23,7 @@ from dsm_tune.evaluation.targets import Target, check_device_present, load_targe
 from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.folder import StudyError, StudyFolder
 from dsm_tune.search.space import precheck_space, read_space_file, space_file_for
-from dsm_tune.search.study.spec import StudySpec
+from dsm_tune.search.spec import StudySpec
 
 
 @dataclass(frozen=True)

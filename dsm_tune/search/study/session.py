@@ -20,7 +20,7 @@ from dsm_tune.search.results import confirmed_scores, json_safe, pareto_numbers
 from dsm_tune.search.strategies import SampledSpace, Space, make_sampler, replay_attrs
 from dsm_tune.search.study.dedup import SETTLED
 from dsm_tune.search.study.outputs import DerivedWrites, LiveOutputs, print_front, write_final_outputs
-from dsm_tune.search.study.spec import StudySpec, library_versions
+from dsm_tune.search.spec import StudySpec, library_versions
 from dsm_tune.search.study.tell import DIRECTIONS, recover_stale
 from dsm_tune.search.tracking import PARENT_ATTR, trial_record
 from dsm_tune.search.workers import WorkerInfo
