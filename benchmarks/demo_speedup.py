@@ -1,4 +1,4 @@
-"""Which batch makes the demo's speedups real on a CPU? (issue 8: "today's fronts are noise" on the demo)
+"""Which batch makes the demo's speedups real on a CPU? (at a small batch the demo's fronts were timing noise)
 
 For each batch size, in one run, with the latency harness the tuner uses (interleaved dense/merged samples):
 - the dense model timed against itself, several rounds: a speedup that should be 1.0x, and how far it strays;

@@ -9,7 +9,7 @@ independent of weight values, so random weights are fine.
     python benchmarks/merger_speed.py                      # vit_small and vit_base at 224, batch 8
     python benchmarks/merger_speed.py --models vit_small_patch16_224 --batch-size 1 --repeats 15
 
-Targets (issue 2): overhead <= 10% of the oracle's time at batch 8; >= 1.4x speedup for a config that halves the
+Targets: overhead <= 10% of the oracle's time at batch 8; >= 1.4x speedup for a config that halves the
 tokens by mid-depth.
 """
 

@@ -1,11 +1,11 @@
-"""Does the tuner beat a hand sweep on a real model? (issue 8)
+"""Does the tuner beat a hand sweep on a real model?
 
 The real pretrained ViT-S/14 of ../shared/assets, the `feature` metric (100 * (1 - cosine) of the embedding) on
 real ImageNet images, CPU, batch 8, one worker. Compared in one run:
 - tuned: `dsm-tune run` with the default (traced) space and sampler, N trials, per seed;
 - sweep: ToMe's constant r (start 0, depth 0, proportional attention) at r = 2, 4, ... 20, every config measured;
 - sampled-tpe (with --sampled-tpe-seeds): `dsm-tune run` on the sampled space (per-stage ratios) with the default
-  sampler, the default before issue 8;
+  sampler, the default before the traced search;
 - random: N random configs of the sampled space (`search_spaces/sampled/vit_small.yaml`, per-stage ratios), per
   seed, scored with the same accuracy screen and timed only when within the limit (the tuner's cheap machinery,
   so only the choice of configs differs).

@@ -1,5 +1,5 @@
 """Search quality on the demo model: hypervolume of the front after N trials: the traced search (the default),
-the sampled space with TPE (the default before issue 8), random search of the sampled space, and a ToMe
+the sampled space with TPE (the default before the traced search), random search of the sampled space, and a ToMe
 constant-r sweep of equal cost (N configs), over several seeds.
 
 Objectives are the study's own: accuracy drop (points) and latency, taken as 1/speedup (the merged model's
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-drop", type=float, default=1.0, help="accuracy-drop limit, in points")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="traced: the default space and sampler; sampled-tpe: the sampled space (per-stage "
-                             "ratios) with TPE, the default before issue 8; random: random search of that space")
+                             "ratios) with TPE, the default before the traced search; random: random search of that space")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="timing batch (default: the demo's cpu batch of `dsm-tune run`)")
     parser.add_argument("--out", type=Path, default=None, help="study folder root (default: temporary)")

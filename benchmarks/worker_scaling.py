@@ -9,7 +9,7 @@ Two evaluators:
   mostly waits for it; the table shows how much it still adds and how long workers wait for the lock.
 
 `--oversubscription` adds a measurement of the cause of the 2.8x slowdown seen when CPU workers' accuracy passes
-were allowed to overlap (commit ec790d5, reverted in 59f6581): demo forward passes (the accuracy pass's work, at
+were allowed to overlap (an attempt since reverted, docs/decisions.md): demo forward passes (the accuracy pass's work, at
 the demo's cpu batch size) alone, then two processes side by side, first with every core's worth of torch threads
 each (as each worker sets torch.set_num_threads(os.cpu_count())), then with their fair share. Two passes sharing
 the cores fairly take about 2x as long each; much more than 2x with full threads and about 2x with shared ones

@@ -1,6 +1,6 @@
 """Latency of a merged model against the dense one on the target device (the study's second objective).
 
-How it stays honest (DESIGN.md section 6):
+How it stays honest (docs/design.md section 6):
 - on the target's device, dtype and deployment batch size, under `torch.inference_mode()`;
 - warm-up first, then repeated timed samples; GPU samples are timed with CUDA events after a synchronize;
 - dense and merged samples are interleaved (A B B A A B ...), so slow drift of clocks, temperature or a

@@ -177,7 +177,7 @@ def max_hierarchy_depth(grid: tuple[int, int]) -> int:
 
 @dataclass(frozen=True)
 class DSMConfig:
-    """Delayed Spatial Merging settings (DESIGN.md section 2), optionally bound to the model they fit."""
+    """Delayed Spatial Merging settings (docs/design.md section 2), optionally bound to the model they fit."""
 
     start_layer: int
     hierarchy_depth: int

@@ -65,8 +65,7 @@ class TracedSpace:
     def seed_shapes(self) -> list[tuple[str, Shape]]:
         """Known shapes to trace first: ToMe's constant count from block 0, the DSM paper's delay with one local
         level, and a delayed global schedule that merges more in the later blocks (on the real ViT-S, merging
-        later cost less accuracy per token than front-loading: issue 8's hand-picked configs and
-        benchmarks/real_front.py)."""
+        later cost less accuracy per token than front-loading: docs/benchmarks.md, benchmarks/real_front.py)."""
         blocks = self.fingerprint.num_blocks
         clip = lambda value, bounds: min(max(value, bounds[0]), bounds[1])
         prop = True if True in self.proportional_attention else self.proportional_attention[0]
