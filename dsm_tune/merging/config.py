@@ -17,7 +17,20 @@ from typing import Any, Mapping, Sequence
 from dsm_tune.errors import DSMTuneError
 
 FORMAT_NAME = "dsm-tune/config"
-FORMAT_VERSION = 1
+# Version 2 added the per-stage `operator`; a config whose every stage merges is still written as version 1, so a
+# runtime that reads only version 1 keeps applying it, and refuses (rather than misreads) one that prunes.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# How a stage reduces its tokens (docs/design.md section 2):
+#   merge         bipartite soft matching, merged tokens averaged by size (ToMe's operator; the default)
+#   merge_norm    the same pairs, the average rescaled to the size-weighted mean norm of what it merges (averaging
+#                 tokens that point apart shrinks the norm, which shifts the next LayerNorm's statistics)
+#   merge_energy  the same matching, but the A tokens merged first are the most redundant ones (highest mean
+#                 similarity to their window), not the ones with the closest partner: informative tokens are kept
+#   prune         the least-attended tokens of each window are dropped (attention from the prefix tokens); no
+#                 averaging, so cheaper, and the tokens left stay exactly the model's own
+OPERATORS = ("merge", "merge_norm", "merge_energy", "prune")
+DEFAULT_OPERATOR = "merge"
 MAX_RATIO = 0.5  # bipartite matching pairs each merged token of one half with one of the other half
 MAX_HIERARCHY_DEPTH = 6
 
@@ -58,11 +71,13 @@ def _require_keys(data: Mapping[str, Any], required: Sequence[str], where: str) 
 
 @dataclass(frozen=True)
 class Stage:
-    """Consecutive blocks that merge the same way: a fraction `ratio` of the tokens, or a fixed count `r`."""
+    """Consecutive blocks that reduce the same way: a fraction `ratio` of the tokens, or a fixed count `r`, by
+    `operator` (OPERATORS)."""
 
     blocks: int
     ratio: float | None = None
     r: int | None = None
+    operator: str = DEFAULT_OPERATOR
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, int) and not isinstance(self.ratio, bool):
@@ -79,23 +94,27 @@ class Stage:
                 raise ConfigError(f"{where}.ratio {self.ratio} is outside [0, {MAX_RATIO}]")
         if self.r is not None:
             _require_int(self.r, f"{where}.r", 0)
+        if self.operator not in OPERATORS:
+            raise ConfigError(f"{where}.operator {self.operator!r} is not one of {', '.join(OPERATORS)}")
 
     @property
     def merges(self) -> bool:
         return bool(self.ratio) or bool(self.r)
 
     def to_dict(self) -> dict[str, Any]:
-        if self.ratio is not None:
-            return {"blocks": self.blocks, "ratio": self.ratio}
-        return {"blocks": self.blocks, "r": self.r}
+        amount = {"ratio": self.ratio} if self.ratio is not None else {"r": self.r}
+        # The default operator is left out, so a merge stage's text (and every key built from it) is as before.
+        operator = {"operator": self.operator} if self.operator != DEFAULT_OPERATOR else {}
+        return {"blocks": self.blocks, **amount, **operator}
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "stage") -> "Stage":
+    def from_dict(cls, data: Any, where: str = "stage", version: int = FORMAT_VERSION) -> "Stage":
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where} must be an object like {{'blocks': 4, 'ratio': 0.1}}, got {data!r}")
-        _reject_unknown_keys(data, {"blocks", "ratio", "r"}, where)
+        _reject_unknown_keys(data, {"blocks", "ratio", "r"} | ({"operator"} if version >= 2 else set()), where)
         _require_keys(data, ["blocks"], where)
-        stage = cls(blocks=data["blocks"], ratio=data.get("ratio"), r=data.get("r"))
+        stage = cls(blocks=data["blocks"], ratio=data.get("ratio"), r=data.get("r"),
+                    operator=data.get("operator", DEFAULT_OPERATOR))
         stage.validate(where)
         return stage
 
@@ -264,8 +283,13 @@ class DSMConfig:
             "proportional_attention": self.proportional_attention,
         }
 
+    @property
+    def format_version(self) -> int:
+        """The oldest format that holds this config: 1 unless a stage uses another operator than merge."""
+        return 1 if all(stage.operator == DEFAULT_OPERATOR for stage in self.stages) else FORMAT_VERSION
+
     def to_dict(self) -> dict[str, Any]:
-        document: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
+        document: dict[str, Any] = {"format": FORMAT_NAME, "version": self.format_version}
         if self.model is not None:
             document["model"] = self.model.to_dict()
         document["merge"] = self.merge_dict()
@@ -288,8 +312,9 @@ class DSMConfig:
         if data.get("format") != FORMAT_NAME:
             raise ConfigError(f"not a dsm-tune config: 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}")
         version = data.get("version")
-        if version != FORMAT_VERSION:
-            raise ConfigError(f"unsupported config version {version!r}: this dsm-tune reads version {FORMAT_VERSION}")
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+            raise ConfigError(f"unsupported config version {version!r}: this dsm-tune reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
         _reject_unknown_keys(data, {"format", "version", "model", "merge", "target", "metrics", "provenance"},
                              "the config")
         if require_model:
@@ -303,7 +328,7 @@ class DSMConfig:
         _require_keys(merge, merge_keys, "'merge'")
         if not isinstance(merge["stages"], list):
             raise ConfigError(f"merge.stages must be a list, got {merge['stages']!r}")
-        stages = tuple(Stage.from_dict(s, f"merge.stages[{i}]") for i, s in enumerate(merge["stages"]))
+        stages = tuple(Stage.from_dict(s, f"merge.stages[{i}]", version) for i, s in enumerate(merge["stages"]))
         model = ModelFingerprint.from_dict(data["model"]) if "model" in data else None
         return cls(
             start_layer=merge["start_layer"],
@@ -334,6 +359,8 @@ class DSMConfig:
                 params[f"stage{i}_ratio"] = stage.ratio
             else:
                 params[f"stage{i}_r"] = stage.r
+            if stage.operator != DEFAULT_OPERATOR:
+                params[f"stage{i}_operator"] = stage.operator
         return params
 
 

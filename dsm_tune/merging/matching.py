@@ -1,4 +1,5 @@
-"""Bipartite soft matching inside spatial windows, and the size-weighted merge it drives.
+"""Bipartite soft matching inside spatial windows, the size-weighted merge it drives and its variants, and the
+attention-ranked pruning of a window's tokens: the operators a stage reduces its tokens with (config.OPERATORS).
 
 Written from the ToMe paper's description (Bolya et al., ICLR 2023): split the tokens into two alternating sets
 A and B, give every A token its most similar B token (cosine similarity of head-averaged attention keys), and merge
@@ -13,6 +14,10 @@ Merging keeps that invariant because every window keeps the same number of token
 from __future__ import annotations
 
 import torch
+
+# Similarities above it count towards a token's redundancy (`_redundancy`); below it they count against, softly.
+ENERGY_MARGIN = 0.5
+_NORM_EPS = 1e-12
 
 
 def window_order(grid: tuple[int, int], depth: int) -> torch.Tensor:
@@ -41,6 +46,7 @@ def bipartite_merge(
     merge_per_window: int,
     a_starts_at: int,
     with_destination: bool = False,
+    operator: str = "merge",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Merge `merge_per_window` patch tokens in each of `windows` contiguous windows; prefix tokens stay as they are.
 
@@ -51,6 +57,10 @@ def bipartite_merge(
     the prefix, then per window its unmerged A tokens in their original order followed by its B tokens.
     With `with_destination`, also the (B, P + N) output position every input token went to (its own, or its
     partner's when merged away), so a caller can follow the original patches through the merges.
+
+    `operator`: "merge" (ToMe's), "merge_norm" (the average rescaled to the size-weighted mean norm of what it
+    merges) or "merge_energy" (the A tokens merged are the most redundant ones, `_redundancy`, each into its most
+    similar B token); see config.OPERATORS.
 
     The token tensor is read once by a single gather; only the merged tokens and their partners are touched
     again. On small models the merge is memory-bound, so passes over the whole sequence are what it costs.
@@ -66,7 +76,8 @@ def bipartite_merge(
     scores = patch_keys[:, :, a_starts_at::2] @ patch_keys[:, :, b_starts_at::2].transpose(-1, -2)
     count_a, count_b = scores.shape[-2], scores.shape[-1]
     best_score, best_partner = scores.max(dim=-1)
-    ranked = best_score.argsort(dim=-1, descending=True)
+    merge_first = _redundancy(patch_keys, a_starts_at) if operator == "merge_energy" else best_score
+    ranked = merge_first.argsort(dim=-1, descending=True)
     kept_a = ranked[..., r:].sort(dim=-1).values
     merged_a = ranked[..., :r]
     partner = best_partner.gather(dim=-1, index=merged_a)
@@ -87,14 +98,66 @@ def bipartite_merge(
     partner_index = partner_positions[..., None].expand(-1, -1, channels)
     # A partner may receive several sources; the rewrites below write equal values for repeated indices.
     partner_sizes = merged_sizes.gather(1, partner_positions)
+    if operator == "merge_norm":
+        norm_sums = _weighted_norm_sums(merged, x, partner_index, source_positions, partner_sizes, source_sizes)
     merged.scatter_(1, partner_index, merged.gather(1, partner_index) * partner_sizes[..., None])
     merged.scatter_add_(1, partner_index, weighted_sources)
     merged_sizes.scatter_add_(1, partner_positions, source_sizes)
-    merged.scatter_(1, partner_index,
-                    merged.gather(1, partner_index) / merged_sizes.gather(1, partner_positions)[..., None])
+    total_sizes = merged_sizes.gather(1, partner_positions)
+    averaged = merged.gather(1, partner_index) / total_sizes[..., None]
+    if operator == "merge_norm":
+        wanted_norm = norm_sums.gather(1, partner_positions) / total_sizes
+        averaged = averaged * (wanted_norm / averaged.norm(dim=-1).clamp_min(_NORM_EPS))[..., None]
+    merged.scatter_(1, partner_index, averaged)
     if not with_destination:
         return merged, merged_sizes, None
     destination = torch.zeros_like(sizes, dtype=torch.long)
     destination.scatter_(1, keep, torch.arange(keep.shape[1], device=device).expand(batch, -1))
     destination.scatter_(1, source_positions, partner_positions)
     return merged, merged_sizes, destination
+
+
+def _redundancy(unit_keys: torch.Tensor, a_starts_at: int) -> torch.Tensor:
+    """(B, W, A) how redundant each A token is in its window: the mean over the window's tokens of its cosine
+    similarity past ENERGY_MARGIN, below it an exponentially flattened penalty (an energy in the sense of PiToMe,
+    Tran et al. 2024): a token like many others is merged before one like few, which keeps informative ones."""
+    similarity = unit_keys[:, :, a_starts_at::2] @ unit_keys.transpose(-1, -2)
+    above = similarity - ENERGY_MARGIN
+    return torch.where(above > 0, above, torch.expm1(above)).mean(dim=-1)
+
+
+def _weighted_norm_sums(merged: torch.Tensor, x: torch.Tensor, partner_index: torch.Tensor,
+                        source_positions: torch.Tensor, partner_sizes: torch.Tensor,
+                        source_sizes: torch.Tensor) -> torch.Tensor:
+    """(B, T') at every partner position, the size-weighted sum of the norms of the tokens merged into it, itself
+    included (read before the merge writes it)."""
+    channels = x.shape[-1]
+    partner_positions = partner_index[..., 0]
+    sums = merged.new_zeros(merged.shape[:2])
+    sums.scatter_(1, partner_positions, merged.gather(1, partner_index).norm(dim=-1) * partner_sizes)
+    source_norms = x.gather(1, source_positions[..., None].expand(-1, -1, channels)).norm(dim=-1)
+    return sums.scatter_add(1, partner_positions, source_norms * source_sizes)
+
+
+def attention_prune(
+    x: torch.Tensor,
+    sizes: torch.Tensor,
+    attention: torch.Tensor,
+    num_prefix: int,
+    windows: int,
+    prune_per_window: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the `prune_per_window` least-attended patch tokens of each of `windows` contiguous windows.
+
+    attention: (B, P + N) the attention each token receives (`patch._attention_with_keys`). The kept tokens keep
+    their order, their features and their sizes: nothing is averaged, so a pruned model runs the model's own
+    tokens, and each window keeps the same count (static shapes)."""
+    batch, total, channels = x.shape
+    per_window = (total - num_prefix) // windows
+    device = x.device
+    received = attention[:, num_prefix:].reshape(batch, windows, per_window)
+    kept = received.argsort(dim=-1, descending=True)[..., :per_window - prune_per_window].sort(dim=-1).values
+    window_start = num_prefix + torch.arange(windows, device=device)[:, None] * per_window
+    prefix_positions = torch.arange(num_prefix, device=device).expand(batch, -1)
+    keep = torch.cat([prefix_positions, (window_start + kept).reshape(batch, -1)], dim=1)
+    return x.gather(1, keep[..., None].expand(-1, -1, channels)), sizes.gather(1, keep)

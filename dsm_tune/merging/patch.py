@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DSMConfig, ModelFingerprint, ModelMismatchError
-from .matching import bipartite_merge, window_order
+from .matching import attention_prune, bipartite_merge, window_order
 from .schedule import BlockPlan, block_plan
 
 SUPPORTED_POOLS = ("token", "avg")
@@ -53,6 +53,9 @@ def check_fits(model: nn.Module, config: DSMConfig) -> None:
     reason = _unpatchable_reason(model)
     if reason is not None:
         raise ModelMismatchError(f"cannot apply DSM: {reason}")
+    if model.global_pool == "avg" and any(stage.operator == "prune" for stage in config.stages if stage.merges):
+        raise ModelMismatchError("cannot apply DSM: a prune stage drops tokens, but this model's average-pool head "
+                                 "weighs every patch; use a merge operator for it")
     actual = ModelFingerprint.from_model(model)
     if config.model is not None:
         differences = config.model.differences(actual)
@@ -117,15 +120,27 @@ def _fused_size_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)[..., :head_dim]
 
 
+class Attended(NamedTuple):
+    output: torch.Tensor                 # the attention branch's output, as timm's Attention.forward gives it
+    keys: torch.Tensor | None            # (B, T, D) head-averaged keys: what bipartite matching compares
+    received: torch.Tensor | None        # (B, T) attention each token receives from the prefix tokens (pruning)
+
+
 def _attention_with_keys(attention: nn.Module, x: torch.Tensor, log_sizes: torch.Tensor | None,
-                         want_keys: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         want_keys: bool, received_from: int | None = None) -> Attended:
     """timm's Attention.forward, plus the head-averaged keys and an additive log-size bias (see
-    PROPORTIONAL_ATTENTION_MODES for how the bias reaches the fused kernels)."""
+    PROPORTIONAL_ATTENTION_MODES for how the bias reaches the fused kernels).
+
+    `received_from`: also the attention every token receives from the first `received_from` tokens (the prefix),
+    averaged over heads and those queries; with no prefix, from the mean query. Fused kernels do not expose the
+    attention matrix, so these few query rows are computed again: O(P * T) per head, not O(T^2)."""
     batch, count, channels = x.shape
     gate = attention.gate(x).sigmoid() if getattr(attention, "gate", None) is not None else None
     qkv = attention.qkv(x).reshape(batch, count, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attention.q_norm(q), attention.k_norm(k)
+    received = None if received_from is None else _received_attention(q, k, log_sizes, attention.scale,
+                                                                       received_from)
     dropout_p = attention.attn_drop.p if attention.training else 0.0
     if attention.fused_attn and log_sizes is not None and _uses_bias_columns(q):
         x = _fused_size_attention(q, k, v, log_sizes, attention.scale, dropout_p)
@@ -142,7 +157,16 @@ def _attention_with_keys(attention: nn.Module, x: torch.Tensor, log_sizes: torch
     if gate is not None:
         x = x * gate
     x = attention.proj_drop(attention.proj(x))
-    return x, (k.mean(dim=1) if want_keys else None)
+    return Attended(x, k.mean(dim=1) if want_keys else None, received)
+
+
+def _received_attention(q: torch.Tensor, k: torch.Tensor, log_sizes: torch.Tensor | None, scale: float,
+                        num_prefix: int) -> torch.Tensor:
+    queries = q[:, :, :num_prefix] if num_prefix else q.mean(dim=2, keepdim=True)
+    scores = (queries * scale) @ k.transpose(-2, -1)
+    if log_sizes is not None:
+        scores = scores + log_sizes[:, None, None, :]
+    return scores.softmax(dim=-1).mean(dim=(1, 2))
 
 
 class MergedTokens(NamedTuple):
@@ -207,17 +231,27 @@ class DSMBlockStack(nn.Sequential):
                     origin = arranged if origin is None else arranged.gather(1, origin)
                 windows_arranged = True
             log_sizes = sizes.log() if size_aware else None
-            attended, keys = _attention_with_keys(block.attn, block.norm1(x), log_sizes,
-                                                  want_keys=plan.merge_per_window > 0)
-            x = x + block.drop_path1(block.ls1(attended))
+            prunes = plan.merge_per_window > 0 and plan.operator == "prune"
+            attended = _attention_with_keys(block.attn, block.norm1(x), log_sizes,
+                                            want_keys=plan.merge_per_window > 0 and not prunes,
+                                            received_from=self.num_prefix if prunes else None)
+            x = x + block.drop_path1(block.ls1(attended.output))
             if plan.merge_per_window > 0:
                 if sizes is None:
                     sizes = x.new_ones(x.shape[0], x.shape[1])
-                x, sizes, destination = bipartite_merge(x, sizes, keys, self.num_prefix, plan.windows,
-                                                        plan.merge_per_window, self.a_starts_at,
-                                                        with_destination=track_origin)
-                if destination is not None:
-                    origin = destination if origin is None else destination.gather(1, origin)
+                if prunes:
+                    if track_origin:
+                        raise RuntimeError("a pruned token has no place in the output: origin tracking (and "
+                                           "the average-pool heads that need it) cannot follow a prune stage")
+                    x, sizes = attention_prune(x, sizes, attended.received, self.num_prefix, plan.windows,
+                                               plan.merge_per_window)
+                else:
+                    x, sizes, destination = bipartite_merge(x, sizes, attended.keys, self.num_prefix,
+                                                            plan.windows, plan.merge_per_window,
+                                                            self.a_starts_at, with_destination=track_origin,
+                                                            operator=plan.operator)
+                    if destination is not None:
+                        origin = destination if origin is None else destination.gather(1, origin)
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         return MergedTokens(x, sizes, origin)
 

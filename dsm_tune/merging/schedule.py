@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError, DSMConfig, ModelFingerprint
+from .config import DEFAULT_OPERATOR, ConfigError, DSMConfig, ModelFingerprint
 
 # Guards floor(ratio * tokens) against ratios like 0.3 that are not exact in binary floating point.
 _RATIO_EPS = 1e-9
@@ -21,6 +21,7 @@ class BlockPlan:
     tokens_in: int        # patch tokens entering the block (prefix tokens excluded)
     windows: int          # 4**level windows the patch tokens are grouped in; 1 = global matching
     merge_per_window: int  # tokens merged away in each window, between attention and MLP
+    operator: str = DEFAULT_OPERATOR   # how they go (config.OPERATORS)
 
     @property
     def merged(self) -> int:
@@ -52,7 +53,7 @@ def block_plan(config: DSMConfig, fingerprint: ModelFingerprint | None = None) -
         windows = 4 ** level
         for _ in range(stage.blocks):
             per_window = _merges_in_window(stage.ratio, stage.r, windows, tokens // windows)
-            plan = BlockPlan(tokens, windows, per_window)
+            plan = BlockPlan(tokens, windows, per_window, stage.operator)
             plans.append(plan)
             tokens = plan.tokens_out
     return plans

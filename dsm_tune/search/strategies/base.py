@@ -11,6 +11,7 @@ import optuna
 
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.merging import DSMConfig, ModelFingerprint, block_plan
+from dsm_tune.merging.config import DEFAULT_OPERATOR
 
 
 class SpaceError(DSMTuneError):
@@ -68,7 +69,9 @@ def plan_key(cfg: DSMConfig, fingerprint: ModelFingerprint | None = None) -> str
     (e.g. a ratio too small to merge one token in a window is the dense model), so one measurement serves all."""
     plans = block_plan(cfg, fingerprint)
     merges = any(p.merge_per_window for p in plans)
-    blocks = [[p.windows, p.merge_per_window] if p.merge_per_window else [1, 0] for p in plans]
+    # A merge block keeps its two-number form, so the plan keys of studies made before operators existed hold.
+    blocks = [([p.windows, p.merge_per_window] + ([p.operator] if p.operator != DEFAULT_OPERATOR else []))
+              if p.merge_per_window else [1, 0] for p in plans]
     return json.dumps({"blocks": blocks, "proportional_attention": bool(cfg.proportional_attention and merges)},
                       separators=(",", ":"))
 
