@@ -31,7 +31,7 @@ from dsm_tune.search.study.tell import (
     EVALUATED, EVALUATING, IN_PROCESS_ATTR, KILLED_PROCESS_ATTR, MAX_PROCESS_DEATHS, PROCESS_DEATHS_ATTR, recover_stale,
 )
 from dsm_tune.search.testing import StandInFactory
-from .synthetic_study import create_study
+from tests.helpers.synthetic_study import create_study
 
 DEMO = ModelFingerprint("dsm_tune_demo_vit", 6, (16, 16), 1, (32, 32), 64)
 SAMPLED_DEMO = SPACES_DIR / "sampled" / "demo.yaml"

@@ -18,8 +18,8 @@ from dsm_tune.search.select import Rule, freeze_trial, pick_winner
 from dsm_tune.search.tracking import PARENT_ATTR, MlflowTracker, trial_record
 from dsm_tune.search.tracking.runs import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, FRONT_TABLE, SHARED_VIEW_PREFIX,
                                            front_view_key)
-from .mlflow_helpers import copy_store, free_port, make_empty_store
-from .synthetic_study import add_measured, create_study, make_config, populate
+from tests.helpers.mlflow_helpers import copy_store, free_port, make_empty_store
+from tests.helpers.synthetic_study import add_measured, create_study, make_config, populate
 
 EXPERIMENT = "dsm-tune/dsm_tune_demo_vit/cpu"
 

@@ -10,7 +10,7 @@ import pytest
 from dsm_tune.cli import main as cli_main
 from dsm_tune.search.plots import FRONT_COLOUR, WINNER_COLOUR, plotly_figure, write_pareto_plots
 from dsm_tune.search.results import trials_frame
-from .synthetic_study import create_study, expected_front, populate
+from tests.helpers.synthetic_study import create_study, expected_front, populate
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from dsm_tune.cli import main as cli_main
 from dsm_tune.merging import load_config
-from .synthetic_study import add_measured, create_study, make_config, populate
+from tests.helpers.synthetic_study import add_measured, create_study, make_config, populate
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dsm_tune.cli import TUNE_EXTRA_MODULES
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def _extra(name: str) -> set[str]:

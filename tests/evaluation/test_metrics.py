@@ -11,7 +11,7 @@ from torch import nn
 from dsm_tune.evaluation.data import EvalData
 from dsm_tune.evaluation.metrics import AccuracyEvaluator, MetricError, default_metric
 
-from .conftest import DINOV2_WEIGHTS, IMAGENET_SAMPLE
+from tests.conftest import DINOV2_WEIGHTS, IMAGENET_SAMPLE
 
 
 class Lookup(nn.Module):

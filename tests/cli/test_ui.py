@@ -19,8 +19,8 @@ from dsm_tune.cli import main as cli_main
 from dsm_tune.commands.ui import ui_command
 from dsm_tune.search.results import pareto_numbers, trials_frame
 from dsm_tune.search.tracking import PENDING_NAME, MlflowTracker, trial_record
-from .mlflow_helpers import free_port, make_empty_store, rest, running_server
-from .synthetic_study import create_study, populate
+from tests.helpers.mlflow_helpers import free_port, make_empty_store, rest, running_server
+from tests.helpers.synthetic_study import create_study, populate
 
 
 def test_ui_command_is_an_argument_list_bound_to_loopback(tmp_path):

@@ -11,7 +11,7 @@ from dsm_tune.errors import DSMTuneError
 from dsm_tune.merging import DSMConfig, load_config, token_schedule
 from dsm_tune.search.results import trials_frame, write_trials_csv
 from dsm_tune.search.select import NoWinnerError, Rule, SelectionError, freeze_trial, measured_trials, pick_winner
-from .synthetic_study import DEMO_FINGERPRINT, VERSIONS, add_measured, create_study, make_config, populate
+from tests.helpers.synthetic_study import DEMO_FINGERPRINT, VERSIONS, add_measured, create_study, make_config, populate
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from dsm_tune.evaluation.data import (
     DataError, DataSpec, evaluation_order, imagenet_wnids, load_data, model_transform,
 )
 
-from .conftest import IMAGENET_SAMPLE
+from tests.conftest import IMAGENET_SAMPLE
 
 # Ten classes spread over the 1k index, so a sorted-order mapping (0..9) could not pass for the true one.
 SUBSET_WNIDS = ("n01440764", "n01530575", "n02085620", "n02123045", "n02504458", "n03000134", "n03594945",

@@ -51,7 +51,7 @@ def test_demo_study_for_ort_cpu_exports_and_verifies_under_onnxruntime(tmp_path,
 
 
 def test_export_onnx_flag_writes_the_graph_and_refuses_to_overwrite(tmp_path, capsys):
-    from .synthetic_study import create_study, populate
+    from tests.helpers.synthetic_study import create_study, populate
 
     study, _ = create_study(tmp_path, "exp")
     populate(study)

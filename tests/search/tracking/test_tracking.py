@@ -18,8 +18,8 @@ from dsm_tune.search.results import load_study, pareto_numbers, trials_frame, wr
 from dsm_tune.search.select import Rule, freeze_trial, pick_winner
 from dsm_tune.search.tracking import (METRIC_KEYS, PARENT_ATTR, PENDING_NAME, MlflowTracker, NullTracker,
                                       TrackingError, resolve_tracking_uri, trial_record)
-from .mlflow_helpers import copy_store, free_port, make_empty_store
-from .synthetic_study import add_measured, create_study, make_config, populate
+from tests.helpers.mlflow_helpers import copy_store, free_port, make_empty_store
+from tests.helpers.synthetic_study import add_measured, create_study, make_config, populate
 
 EXPERIMENT = "dsm-tune/dsm_tune_demo_vit/cpu"
 

@@ -216,7 +216,7 @@ def test_idx_reader_rejects_count_mismatch(tmp_path):
 def _load_train_script():
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "train_demo.py"
     spec = importlib.util.spec_from_file_location("train_demo", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

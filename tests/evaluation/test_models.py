@@ -12,7 +12,7 @@ from dsm_tune.evaluation.models import (
     ModelError, build_model, input_size, read_checkpoint, resolve_model_name, weights_digest,
 )
 
-from .conftest import DINOV2_WEIGHTS
+from tests.conftest import DINOV2_WEIGHTS
 
 
 @pytest.mark.parametrize("alias, timm_name", [

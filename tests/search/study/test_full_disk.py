@@ -42,7 +42,7 @@ DEMO = ModelFingerprint("dsm_tune_demo_vit", 6, (16, 16), 1, (32, 32), 64)
 SAMPLED_DEMO = SPACES_DIR / "sampled" / "demo.yaml"
 TRIALS = 7
 STUDY = "demo-cpu"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 # --- the injected fault ------------------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ def test_dense_cache_on_a_full_disk_raises_disk_full_and_leaves_nothing(tmp_path
 def test_pareto_html_is_small_and_loads_the_library_written_once(tmp_path):
     from dsm_tune.search.plots import write_pareto_plots
     from dsm_tune.search.results import trials_frame
-    from .synthetic_study import create_study, populate
+    from tests.helpers.synthetic_study import create_study, populate
 
     study, study_dir = create_study(tmp_path, "plotted")
     populate(study)

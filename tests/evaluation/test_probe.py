@@ -17,7 +17,7 @@ from dsm_tune.evaluation.probe import (
     probe_model, render_table,
 )
 
-from .conftest import DINOV2_WEIGHTS, IMAGENET_SAMPLE
+from tests.conftest import DINOV2_WEIGHTS, IMAGENET_SAMPLE
 
 GRID = 4
 EMBED = 8

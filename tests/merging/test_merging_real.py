@@ -10,7 +10,7 @@ from PIL import Image
 
 from dsm_tune.merging import DSMConfig, Stage, apply_dsm, remove_dsm, token_schedule
 
-from .conftest import DINOV2_WEIGHTS, IMAGENET_SAMPLE
+from tests.conftest import DINOV2_WEIGHTS, IMAGENET_SAMPLE
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ from dsm_tune.search.folder import PENDING_FILE
 from dsm_tune.search.space import SPACES_DIR
 from dsm_tune.search.study import StudyError, StudySpec, resume_spec, run_study
 from dsm_tune.search.tracking import PARENT_ATTR, MlflowTracker, trial_record
-from .mlflow_helpers import copy_store, free_port, make_empty_store
-from .synthetic_study import create_study, populate
+from tests.helpers.mlflow_helpers import copy_store, free_port, make_empty_store
+from tests.helpers.synthetic_study import create_study, populate
 
 SAMPLED_DEMO = SPACES_DIR / "sampled" / "demo.yaml"
 

@@ -253,7 +253,7 @@ def test_rules_and_the_front_leave_noisy_speedups_out(tmp_path):
     from dsm_tune.search.results import pareto_numbers, trials_frame
     from dsm_tune.search.select import NoWinnerError, Rule, pick_winner
 
-    from .synthetic_study import add_measured, create_study, make_config
+    from tests.helpers.synthetic_study import add_measured, create_study, make_config
 
     study, _ = create_study(tmp_path, "noisy")
     add_measured(study, make_config(0, 0, [0.0]), 0.0, 10.0, seed_kind="dense")

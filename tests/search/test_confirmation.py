@@ -21,7 +21,7 @@ from dsm_tune.search.select import (
     NoWinnerError, Rule, SelectionError, effective_basis, freeze_trial, pick_winner, selection_record,
 )
 from dsm_tune.search.spec import LEGACY_IDENTITY, StudySpec
-from .synthetic_study import add_measured, create_study, make_config
+from tests.helpers.synthetic_study import add_measured, create_study, make_config
 
 
 # --- balanced subsets ------------------------------------------------------------------------------------------

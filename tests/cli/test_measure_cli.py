@@ -11,7 +11,7 @@ import torch
 from dsm_tune.cli import main
 from dsm_tune.merging import DSMConfig, Stage, token_schedule
 
-from .conftest import IMAGENET_SAMPLE
+from tests.conftest import IMAGENET_SAMPLE
 
 SUBSET_WNIDS = ("n01440764", "n01530575", "n02085620", "n02123045", "n02504458", "n03000134", "n03594945",
                 "n04037443", "n07753592", "n15075141")

@@ -21,7 +21,7 @@ from dsm_tune.search.strategies import SpaceError, TracedSpace
 from dsm_tune.search.strategies.traced import SPEEDUP_PREDICTED_ATTR, TracedProposer
 from dsm_tune.search.strategies.traced.tracer import BudgetTracer
 
-from .test_metrics import Lookup, one_hot, toy_data
+from tests.evaluation.test_metrics import Lookup, one_hot, toy_data
 
 FP = ModelFingerprint(name="vit_small_patch14_dinov2", num_blocks=12, grid=(16, 16), num_prefix_tokens=1,
                       img_size=(224, 224), embed_dim=384)
