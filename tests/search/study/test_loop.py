@@ -20,7 +20,7 @@ from dsm_tune.search.progress import Progress
 from dsm_tune.search.space import SPACES_DIR, load_space
 from dsm_tune.search.strategies import FINISHED, Proposal, plan_key
 from dsm_tune.search.study.loop import MAX_CONSECUTIVE_ERRORS, MAX_FRESH_DEATHS, Loop
-from dsm_tune.search.study.spec import StudySpec
+from dsm_tune.search.spec import StudySpec
 from tests.helpers.fake_pool import FakePool, WorkerDeath
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
