@@ -44,3 +44,100 @@ def test_imports_point_one_way(layer, forbidden):
     for path in sorted((PACKAGE / layer).rglob("*.py")):
         for name in _imported_modules(path):
             assert not any(name == f or name.startswith(f + ".") for f in forbidden), f"{path.name} imports {name}"
+
+
+# Known circles, as the imports that close them (importer, imported package or module).
+ALLOWED_IMPORTS = {
+    # removed by the strategies move
+    ("dsm_tune.search.strategy", "dsm_tune.search.study"),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _ancestors(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the dsm_tune modules it imports, lazy imports included. `from pkg import name` imports the
+    submodule `pkg.name` when there is one; importing a module runs its packages' `__init__` first, except the
+    importer's own packages (they are already being imported)."""
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    packages = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        package = module if module in packages else module.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                targets.add(source)
+                targets.update(f"{source}.{alias.name}" for alias in node.names
+                               if f"{source}.{alias.name}" in paths)
+        edges: set[str] = set()
+        for target in targets:
+            if target not in paths:
+                continue
+            edges.update(a for a in _ancestors(target) + [target] if a not in _ancestors(module) and a != module)
+        graph[module] = edges
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for successor in sorted(graph.get(node, ())):
+            if successor not in index:
+                visit(successor)
+                low[node] = min(low[node], low[successor])
+            elif successor in on_stack:
+                low[node] = min(low[node], index[successor])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_import_graph_has_no_circles():
+    """Any circle of imports inside the package, lazy ones included: each hides an order dependency."""
+    graph = _import_graph()
+    for importer, imported in ALLOWED_IMPORTS:
+        graph[importer] = {m for m in graph[importer] if m != imported and not m.startswith(imported + ".")}
+    circles = _circles(graph)
+    assert not circles, "import circles: " + "; ".join(" <-> ".join(sorted(c)) for c in circles)
+
+
+def test_the_circle_finder_sees_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _circles(graph) == [{"a", "b", "c"}]

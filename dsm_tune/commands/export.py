@@ -39,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from dsm_tune.evaluation import record as schema
     from dsm_tune.merging import load_config
     from dsm_tune.search.results import load_study, trials_frame
     from dsm_tune.search.select import Rule, freeze_trial, pick_winner
@@ -84,13 +85,13 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
     metrics = frozen.metrics or {}
-    confirmed = metrics.get("confirmed_drop")
+    confirmed = metrics.get(schema.CONFIRMED_DROP)
     print(f"exported trial {number} of study {args.study} ({metrics['selection']['rule']}): "
-          f"accuracy drop {metrics.get('accuracy_drop', float('nan')):.3f}"
-          + (f" (confirmed {confirmed:.3f} on {metrics.get('confirmed_num_images')} held-out images)"
+          f"accuracy drop {metrics.get(schema.ACCURACY_DROP, float('nan')):.3f}"
+          + (f" (confirmed {confirmed:.3f} on {metrics.get(schema.CONFIRMED_NUM_IMAGES)} held-out images)"
              if isinstance(confirmed, (int, float)) else "") + ", "
-          f"latency {metrics.get('latency_ms', float('nan')):.3f} ms, "
-          f"speedup {metrics.get('speedup', float('nan')):.2f}x -> {output}")
+          f"latency {metrics.get(schema.LATENCY_MS, float('nan')):.3f} ms, "
+          f"speedup {metrics.get(schema.SPEEDUP, float('nan')):.2f}x -> {output}")
     if args.onnx is not None:
         from dsm_tune.commands.verify import model_for_config
         from dsm_tune.merging import export_onnx

@@ -128,7 +128,7 @@ def render_table(doc: dict) -> str:
         f"data     {data['description'] if data else 'none (latency only)'}",
     ]
     if doc["config"] is not None:
-        from dsm_tune.search.render import describe_config
+        from dsm_tune.search.text import describe_config
 
         lines.append(f"config   {describe_config(doc['config'])}  (start layer d, hierarchy depth D, "
                      f"blocks x ratio per stage)")

@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from dsm_tune.evaluation import record as schema
     from dsm_tune.search.folder import StudyFolder
     from dsm_tune.search.plots import write_pareto_plots
     from dsm_tune.search.reference import study_reference
@@ -41,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
     max_drop = spec.get("max_accuracy_drop")
     table = trial_table(df)
     front_rows = pareto_front(table)
-    shown = table.sort_values(["latency_ms", "accuracy_drop"]) if args.all else front_rows
+    shown = table.sort_values([schema.LATENCY_MS, schema.ACCURACY_DROP]) if args.all else front_rows
     front = set(front_rows["number"])
     winner = default_winner(df, max_drop)
 

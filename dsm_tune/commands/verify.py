@@ -8,7 +8,6 @@ command exits 1 when either is outside the stated tolerance (2 for errors, as ev
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -54,9 +53,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=main)
 
 
+def _shown_figures() -> tuple[str, ...]:
+    """Shown beside the checked figures, not checked (imported when run: building the parser imports nothing)."""
+    from dsm_tune.evaluation import record as schema
+
+    return schema.LATENCY_MS, schema.BASELINE_LATENCY_MS, schema.FLOPS_RATIO, schema.TOKENS_KEPT
+
+
 def _recorded(metrics: Mapping[str, Any], key: str, file: Path) -> float:
+    from dsm_tune.search.text import is_finite_number
+
     value = metrics.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise VerifyError(f"{file} records no {key!r} in its metrics: verify compares against the figures "
                           "`dsm-tune export` writes")
     return float(value)
@@ -65,9 +73,11 @@ def _recorded(metrics: Mapping[str, Any], key: str, file: Path) -> float:
 def recorded_figures(cfg, file: Path) -> dict[str, Any]:
     """The figures a frozen config carries: accuracy drop and speedup (required), latency, dense latency (the
     study's dense reference: latency_ms = baseline_latency_ms / speedup), FLOPs ratio, tokens kept."""
+    from dsm_tune.evaluation import record as schema
+
     metrics = dict(cfg.metrics or {})
-    recorded = {key: _recorded(metrics, key, file) for key in ("accuracy_drop", "speedup")}
-    recorded.update({k: metrics.get(k) for k in ("latency_ms", "baseline_latency_ms", "flops_ratio", "tokens_kept")})
+    recorded = {key: _recorded(metrics, key, file) for key in (schema.ACCURACY_DROP, schema.SPEEDUP)}
+    recorded.update({k: metrics.get(k) for k in _shown_figures()})
     return recorded
 
 
@@ -81,17 +91,18 @@ def _check_tolerances(args: argparse.Namespace) -> None:
 def compare(recorded: Mapping[str, Any], measured: Mapping[str, Any], speedup_tolerance: float,
             drop_tolerance: float) -> list[dict[str, Any]]:
     """One row per figure: recorded, measured, the bound it must meet (None: shown only) and whether it does."""
-    drop_bound = recorded["accuracy_drop"] + drop_tolerance
-    speedup_bound = recorded["speedup"] * (1 - speedup_tolerance)
+    from dsm_tune.evaluation.record import ACCURACY_DROP, SPEEDUP
+
+    drop_bound = recorded[ACCURACY_DROP] + drop_tolerance
+    speedup_bound = recorded[SPEEDUP] * (1 - speedup_tolerance)
     rows = [
-        {"name": "accuracy drop", "recorded": recorded["accuracy_drop"], "measured": measured["accuracy_drop"],
-         "bound": f"<= {drop_bound:.3f}", "ok": measured["accuracy_drop"] is not None
-         and measured["accuracy_drop"] <= drop_bound},
-        {"name": "speedup (x)", "recorded": recorded["speedup"], "measured": measured["speedup"],
-         "bound": f">= {speedup_bound:.3f}", "ok": measured["speedup"] >= speedup_bound},
+        {"name": "accuracy drop", "recorded": recorded[ACCURACY_DROP], "measured": measured[ACCURACY_DROP],
+         "bound": f"<= {drop_bound:.3f}", "ok": measured[ACCURACY_DROP] is not None
+         and measured[ACCURACY_DROP] <= drop_bound},
+        {"name": "speedup (x)", "recorded": recorded[SPEEDUP], "measured": measured[SPEEDUP],
+         "bound": f">= {speedup_bound:.3f}", "ok": measured[SPEEDUP] >= speedup_bound},
     ]
-    for key, name in (("latency_ms", "latency (ms)"), ("baseline_latency_ms", "dense latency (ms)"),
-                      ("flops_ratio", "FLOPs ratio"), ("tokens_kept", "tokens kept")):
+    for key, name in zip(_shown_figures(), ("latency (ms)", "dense latency (ms)", "FLOPs ratio", "tokens kept")):
         rows.append({"name": name, "recorded": recorded.get(key), "measured": measured.get(key), "bound": None,
                      "ok": None})
     return rows
@@ -100,10 +111,11 @@ def compare(recorded: Mapping[str, Any], measured: Mapping[str, Any], speedup_to
 def interval_row(measured: Mapping[str, Any], limit: Any, deciding: bool) -> dict[str, Any]:
     """The re-measured drop's 95% interval against the limit the config was chosen under: it fails (when
     `deciding`) only if the whole interval lies above the limit, i.e. the drop is over it with 97.5% confidence."""
-    from dsm_tune.search.render import interval_text
+    from dsm_tune.evaluation.record import INTERVAL_KEYS
+    from dsm_tune.search.text import interval_text, is_finite_number
 
-    low, high = measured.get("accuracy_drop_ci_low"), measured.get("accuracy_drop_ci_high")
-    has_limit = isinstance(limit, (int, float)) and not isinstance(limit, bool) and math.isfinite(limit)
+    low, high = (measured.get(key) for key in INTERVAL_KEYS)
+    has_limit = is_finite_number(limit)
     ok = None
     if deciding and has_limit and isinstance(low, (int, float)):
         ok = low <= limit
@@ -135,7 +147,7 @@ def onnx_row(model, cfg, batch_size: int) -> dict[str, Any]:
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    from dsm_tune.search.render import format_table
+    from dsm_tune.search.text import format_table
 
     table = [[r["name"], _cell(r["recorded"]), r.get("text") or _cell(r["measured"], r.get("format", ".3f")),
               r["bound"] or "",

@@ -20,6 +20,8 @@ from dsm_tune.errors import DSMTuneError
 from dsm_tune.evaluation.data import DEFAULT_ORDER, EvalData, cache_root, default_data_spec, load_data
 from dsm_tune.evaluation.latency import LatencyResult, measure_latency
 from dsm_tune.evaluation.metrics import AccuracyEvaluator, AccuracyResult
+from dsm_tune.evaluation.policy import TimingPolicy
+from dsm_tune.evaluation import record as schema
 from dsm_tune.evaluation.models import build_model, input_size, resolve_model_name
 from dsm_tune.evaluation.targets import DTYPES as DTYPES_BY_NAME
 from dsm_tune.evaluation.targets import Target, load_target
@@ -50,31 +52,31 @@ class TrialOutcome:
     def flat(self) -> dict:
         acc, lat = self.accuracy, self.latency
         flat = {
-            "metric": acc.metric if acc else None,
-            "metric_value": acc.value if acc else None,
-            "accuracy_drop": acc.drop if acc else None,
-            "accuracy_drop_ci_low": acc.ci_low if acc else None,
-            "accuracy_drop_ci_high": acc.ci_high if acc else None,
-            "aborted": acc.aborted if acc else False,
-            "latency_ms": lat.candidate_ms if lat else None,
-            "latency_iqr_ms": lat.candidate_iqr_ms if lat else None,
-            "baseline_latency_ms": lat.baseline_ms if lat else None,
-            "baseline_latency_iqr_ms": lat.baseline_iqr_ms if lat else None,
-            "speedup": lat.speedup if lat else None,
-            "speedup_iqr": lat.speedup_iqr if lat else None,
-            "speedup_noisy": speedup_noisy(lat) if lat else None,
-            "compile_s": lat.compile_s if lat else None,
-            "flops_ratio": float(self.report["flops_ratio"]),
-            "tokens_kept": float(self.report["tokens_kept"]),
-            "num_images": acc.num_images if acc else 0,
-            "eval_seconds": self.eval_seconds,
+            schema.METRIC: acc.metric if acc else None,
+            schema.METRIC_VALUE: acc.value if acc else None,
+            schema.ACCURACY_DROP: acc.drop if acc else None,
+            schema.ACCURACY_DROP_CI_LOW: acc.ci_low if acc else None,
+            schema.ACCURACY_DROP_CI_HIGH: acc.ci_high if acc else None,
+            schema.ABORTED: acc.aborted if acc else False,
+            schema.LATENCY_MS: lat.candidate_ms if lat else None,
+            schema.LATENCY_IQR_MS: lat.candidate_iqr_ms if lat else None,
+            schema.BASELINE_LATENCY_MS: lat.baseline_ms if lat else None,
+            schema.BASELINE_LATENCY_IQR_MS: lat.baseline_iqr_ms if lat else None,
+            schema.SPEEDUP: lat.speedup if lat else None,
+            schema.SPEEDUP_IQR: lat.speedup_iqr if lat else None,
+            schema.SPEEDUP_NOISY: speedup_noisy(lat) if lat else None,
+            schema.COMPILE_S: lat.compile_s if lat else None,
+            schema.FLOPS_RATIO: float(self.report["flops_ratio"]),
+            schema.TOKENS_KEPT: float(self.report["tokens_kept"]),
+            schema.NUM_IMAGES: acc.num_images if acc else 0,
+            schema.EVAL_SECONDS: self.eval_seconds,
         }
         if acc is not None and acc.extra.get("screened"):
-            flat["screened"] = True
+            flat[schema.SCREENED] = True
         if self.retimed:
-            flat["speedup_retimed"] = True
+            flat[schema.SPEEDUP_RETIMED] = True
         if self.timing_skipped:
-            flat["fail_reason"] = f"not timed: {self.timing_skipped}"
+            flat[schema.FAIL_REASON] = f"not timed: {self.timing_skipped}"
         return flat
 
 
@@ -92,33 +94,11 @@ def speedup_noisy(latency: LatencyResult) -> bool:
     return relative_spread(latency) > NOISY_SPEEDUP_SPREAD
 
 
-def timing_skip_reason(accuracy: AccuracyResult | None, policy: dict | None) -> str | None:
-    """Why timing this config would be wasted, under the driver's `policy`, or None to time it.
-
-    policy: {"max_drop": limit, "front": [[drop, speedup], ...] (timed feasible points so far),
-             "predicted_speedup": p, "margin": m}. A config over the limit cannot enter the feasible front; one
-    whose predicted speedup, even `margin` (relative) better than predicted, is matched by a timed point at no
-    larger drop cannot either."""
-    if not policy or accuracy is None:
-        return None
-    drop = accuracy.drop
-    if accuracy.extra.get("screened"):
-        # The screen's bar is the limit or, lower, the drop of a timed config faster than this one can be: the
-        # partial drop itself may well be within the limit, so the reason names the bar it cleared.
-        bar = accuracy.extra.get("screen_drop", policy["max_drop"])
-        return (f"screened out on {accuracy.num_images} images: drop {drop:.3f} is surely above {bar:.3f} (the "
-                f"limit, or the drop of a timed config faster than this one can be)")
-    if accuracy.aborted or drop > policy["max_drop"]:
-        return f"accuracy drop {drop:.3f} is over the limit {policy['max_drop']:g}"
-    predicted = policy.get("predicted_speedup")
-    if predicted is None:
-        return None
-    optimistic = predicted * (1.0 + policy.get("margin", 0.0))
-    for front_drop, front_speedup in policy.get("front", ()):
-        if front_drop <= drop and front_speedup >= optimistic:
-            return (f"predicted {predicted:.3f}x (+{policy.get('margin', 0.0):.0%}) is dominated by a timed "
-                    f"{front_speedup:.3f}x at drop {front_drop:.3f}")
-    return None
+def timing_skip_reason(accuracy: AccuracyResult | None, policy: TimingPolicy | None) -> str | None:
+    """Why timing this config would be wasted under the driver's `policy` (`TimingPolicy.skip_reason`), or None
+    to time it; no policy times everything."""
+    policy = TimingPolicy.of(policy)
+    return policy.skip_reason(accuracy) if policy is not None else None
 
 
 class TrialEvaluator:
@@ -201,11 +181,12 @@ class TrialEvaluator:
         return cfg if cfg.model is not None else cfg.replace(model=self.fingerprint)
 
     def evaluate_detailed(self, cfg, screen_drop: float | None = None,
-                          timing: dict | None = None) -> TrialOutcome:
+                          timing: TimingPolicy | None = None) -> TrialOutcome:
         """Accuracy first, then latency. `screen_drop` turns on the multi-fidelity screen of the accuracy pass
         (`AccuracyEvaluator.evaluate`); `timing` is the driver's policy for skipping the latency measurement of a
-        config that cannot enter the front (`timing_skip_reason`). Without either, everything is measured: an
-        infeasible point then still tells a plain sampler what that much merging buys."""
+        config that cannot enter the front (`TimingPolicy.skip_reason`; its dict form is read too). Without
+        either, everything is measured: an infeasible point then still tells a plain sampler what that much
+        merging buys."""
         from dsm_tune.merging import apply_dsm, merge_report, remove_dsm
 
         begin = time.perf_counter()
@@ -233,7 +214,7 @@ class TrialEvaluator:
         return measure_latency(self.model, self.merged_model, self.target, self.input_shape, seed=attempt,
                                **self._latency_kwargs)
 
-    def evaluate(self, cfg, screen_drop: float | None = None, timing: dict | None = None) -> dict:
+    def evaluate(self, cfg, screen_drop: float | None = None, timing: TimingPolicy | None = None) -> dict:
         """Score one DSMConfig: the flat dict of the contract (docs/interfaces.md)."""
         return self.evaluate_detailed(cfg, screen_drop=screen_drop, timing=timing).flat()
 

@@ -5,20 +5,24 @@ low (the winner's curse). When the study ends, and again on `report`/`export`, t
 candidates (at most `MAX_CANDIDATES`) are scored once on the held-out images; the exported config is then chosen on
 those confirmed figures (`select.Rule`).
 
-The scores live in one study user attr (`results.CONFIRM_ATTR`: Optuna freezes a finished trial's own attrs),
-keyed by trial number, next to the fingerprint of the images they were scored on: a resumed study reuses them, a study whose
-confirmation images changed scores again.
+The scores live in one study user attr (`record.CONFIRM_ATTR`: Optuna freezes a finished trial's own
+attrs), keyed by trial number, next to the fingerprint of the images they were scored on: a resumed study reuses
+them, a study whose confirmation images changed scores again.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import pandas as pd
 
-from dsm_tune.search.results import CONFIRM_ATTR, json_safe, pareto_numbers
+from dsm_tune.errors import DSMTuneError
+from dsm_tune.evaluation import record as schema
+from dsm_tune.evaluation.record import CONFIRM_ATTR, DUPLICATE_OF, TOKENS_KEPT
+from dsm_tune.merging import DSMConfig
+from dsm_tune.search.results import pareto_numbers, trials_frame
+from dsm_tune.search.text import is_finite_number, json_safe
 
 # Candidates scored, fastest first: a bounded cost (each is one accuracy pass over the held-out images) that still
 # leaves the selection a fallback when the fastest ones fail confirmation.
@@ -40,11 +44,11 @@ def candidates(frame: pd.DataFrame, max_drop: float, limit: int = MAX_CANDIDATES
     that merge nothing left out."""
     if frame.empty:
         return []
-    if "duplicate_of" in frame:
-        frame = frame[frame["duplicate_of"].isna()]
-    if "tokens_kept" in frame:
+    if DUPLICATE_OF in frame:
+        frame = frame[frame[DUPLICATE_OF].isna()]
+    if TOKENS_KEPT in frame:
         # A config that merges nothing is the dense model: its drop is 0 on any image, nothing to confirm.
-        frame = frame[~(pd.to_numeric(frame["tokens_kept"], errors="coerce") >= 1.0)]
+        frame = frame[~(pd.to_numeric(frame[TOKENS_KEPT], errors="coerce") >= 1.0)]
     return pareto_numbers(frame, max_drop)[:limit]
 
 
@@ -64,27 +68,24 @@ def confirm_front(study: Any, frame: pd.DataFrame, max_drop: float, make_scorer:
     todo = [n for n in wanted if str(n) not in scores]
     if not todo:
         return 0
-    from dsm_tune.merging import DSMConfig
-
-    fingerprint = study.user_attrs.get("fingerprint")
+    fingerprint = study.user_attrs.get(schema.FINGERPRINT)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     say(f"dsm-tune: confirming {len(todo)} front candidate(s) on {scorer.num_images} held-out images"
         + (f" ({scorer.device_note})" if getattr(scorer, "device_note", None) else ""))
     for number in todo:
-        document = {**trials[number].user_attrs["config"], "model": fingerprint}
+        document = {**trials[number].user_attrs[schema.CONFIG], "model": fingerprint}
         result = scorer.score(DSMConfig.from_dict(document, require_model=fingerprint is not None))
-        scores[str(number)] = json_safe({"confirmed_drop": result.drop, "confirmed_drop_ci_low": result.ci_low,
-                                         "confirmed_drop_ci_high": result.ci_high,
-                                         "confirmed_num_images": result.num_images})
+        figures = (result.drop, result.ci_low, result.ci_high, result.num_images)
+        scores[str(number)] = json_safe(dict(zip(schema.CONFIRMED_FIELDS, figures)))
         study.set_user_attr(CONFIRM_ATTR, {"data_fingerprint": scorer.data_fingerprint, "scores": scores})
-        search_drop = trials[number].user_attrs.get("accuracy_drop")
+        search_drop = trials[number].user_attrs.get(schema.ACCURACY_DROP)
         say(f"dsm-tune:   trial {number}: search drop {_points(search_drop)}, confirmed {_points(result.drop)} "
             f"[{_points(result.ci_low)}, {_points(result.ci_high)}]")
     return len(todo)
 
 
 def _points(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) and math.isfinite(value) else "?"
+    return f"{value:.3f}" if is_finite_number(value) else "?"
 
 
 def scorer_factory_for(spec: Mapping[str, Any], cache_dir: str | None,
@@ -122,11 +123,8 @@ def confirm_stored_study(folder: Any, say: Callable[[str], None]) -> None:
     study's lock; a study that another process is running is left to it."""
     from filelock import FileLock, Timeout
 
-    from dsm_tune.errors import DSMTuneError
-    from dsm_tune.search.results import trials_frame
-
     study = folder.load()
-    spec = dict(study.user_attrs.get("spec") or {})
+    spec = dict(study.user_attrs.get(schema.SPEC) or {})
     if not (spec.get("confirm_data") or float(spec.get("confirm") or 0.0) > 0):
         return
     lock = FileLock(str(folder.lock_file))

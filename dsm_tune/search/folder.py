@@ -16,6 +16,9 @@ from dsm_tune.errors import DSMTuneError
 
 STORAGE_FILE = "study.db"
 PENDING_FILE = "mlflow_pending.jsonl"
+HTML_NAME = "pareto.html"
+PNG_NAME = "pareto.png"
+BUNDLE_NAME = "plotly.min.js"    # what plotly's include_plotlyjs="directory" pages load from their own folder
 
 
 class StudyError(DSMTuneError):
@@ -69,10 +72,12 @@ class StudyFolder:
     @property
     def artifact_files(self) -> list[Path]:
         """What a tracker mirrors of the folder (the storage stays the record): plots, tables, the spec and space."""
-        from dsm_tune.search.plots import HTML_NAME, PNG_NAME
+        return [*self.plot_files, self.trials_csv, self.best_file, self.spec_file, self.space_copy]
 
-        return [self.path / HTML_NAME, self.path / PNG_NAME, self.trials_csv, self.best_file, self.spec_file,
-                self.space_copy]
+    @property
+    def plot_files(self) -> list[Path]:
+        """The Pareto plots (`search/plots.py`); the plotting library beside them is not a study file."""
+        return [self.path / HTML_NAME, self.path / PNG_NAME]
 
     @property
     def log_file(self) -> Path:

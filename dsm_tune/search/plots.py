@@ -15,14 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dsm_tune.evaluation import record as schema
 from dsm_tune.search.diskspace import write_atomically, write_text_atomically
-
-from dsm_tune.search.render import default_winner, interval_text, pareto_front, trial_table
+from dsm_tune.search.folder import BUNDLE_NAME, HTML_NAME, PNG_NAME
+from dsm_tune.search.render import default_winner, pareto_front, trial_table
 from dsm_tune.search.select import frame_column
-
-HTML_NAME = "pareto.html"
-PNG_NAME = "pareto.png"
-BUNDLE_NAME = "plotly.min.js"    # what plotly's include_plotlyjs="directory" pages load from their own folder
+from dsm_tune.search.text import interval_text, is_finite_number
 
 # seed_kind -> (legend label, matplotlib marker, plotly symbol, colour)
 SEED_STYLES = {
@@ -36,13 +34,14 @@ WINNER_COLOUR = "#d62728"
 INFEASIBLE_COLOUR = "#d62728"
 NOISY_COLOUR = "#8c564b"
 NOISY_LABEL = "noisy speedup (not on the front)"
+DROP, LATENCY, CONFIRMED = schema.ACCURACY_DROP, schema.LATENCY_MS, schema.CONFIRMED_DROP
 
 
 def _dense_reference(table: pd.DataFrame) -> float | None:
     """The study's dense reference: every row of a trials frame carries the same one (`results.trials_frame`),
     and each point's latency is it over the point's speedup, so the dense line and the speedup axis agree with
     the points."""
-    values = table["baseline_latency_ms"].dropna()
+    values = table[schema.BASELINE_LATENCY_MS].dropna()
     return float(values.median()) if len(values) else None
 
 
@@ -90,7 +89,7 @@ def _layers(df: pd.DataFrame, max_drop: float | None):
 
 
 def _title(df: pd.DataFrame, table: pd.DataFrame, max_drop: float | None) -> str:
-    metric = frame_column(df, "metric")
+    metric = frame_column(df, schema.METRIC)
     metric_name = next((m for m in metric.dropna() if isinstance(m, str)), "accuracy") if metric is not None \
         else "accuracy"
     limit = f", limit {max_drop:g}" if max_drop is not None else ""
@@ -98,7 +97,7 @@ def _title(df: pd.DataFrame, table: pd.DataFrame, max_drop: float | None) -> str
 
 
 def _y_range(table: pd.DataFrame, max_drop: float | None) -> tuple[float, float]:
-    drops = table["accuracy_drop"]
+    drops = table[DROP]
     low = min(0.0, float(drops.min())) if len(drops) else 0.0
     high = float(drops.max()) if len(drops) else 1.0
     if max_drop is not None:
@@ -108,16 +107,17 @@ def _y_range(table: pd.DataFrame, max_drop: float | None) -> tuple[float, float]
 
 
 def _hover(row: pd.Series) -> str:
-    seed = f" ({row['seed_kind']} seed)" if row["seed_kind"] else ""
-    interval = interval_text(row.get("accuracy_drop_ci_low"), row.get("accuracy_drop_ci_high"), 3)
-    confirmed = row.get("confirmed_drop")
-    confirmed_text = (f"<br>confirmed {confirmed:.3f} "
-                      f"{interval_text(row.get('confirmed_drop_ci_low'), row.get('confirmed_drop_ci_high'), 3)}"
-                      if isinstance(confirmed, float) and math.isfinite(confirmed) else "")
-    return (f"trial {int(row['number'])}{seed}<br>drop {row['accuracy_drop']:.3f} {interval}{confirmed_text}<br>"
-            f"latency {row['latency_ms']:.3f} ms (IQR {row['latency_iqr_ms']:.3f})<br>"
-            f"speedup {row['speedup']:.3f}x{' (noisy)' if row['noisy'] else ''}<br>FLOPs ratio {row['flops_ratio']:.3f}<br>"
-            f"tokens kept {row['tokens_kept']:.3f}<br>{row['config']}")
+    seed = f" ({row[schema.SEED_KIND]} seed)" if row[schema.SEED_KIND] else ""
+    interval = interval_text(*(row.get(k) for k in schema.INTERVAL_KEYS), 3)
+    confirmed = row.get(CONFIRMED)
+    confirmed_interval = interval_text(row.get(schema.CONFIRMED_DROP_CI_LOW), row.get(schema.CONFIRMED_DROP_CI_HIGH), 3)
+    confirmed_text = (f"<br>confirmed {confirmed:.3f} {confirmed_interval}"
+                      if isinstance(confirmed, float) and is_finite_number(confirmed) else "")
+    return (f"trial {int(row['number'])}{seed}<br>drop {row[DROP]:.3f} {interval}{confirmed_text}<br>"
+            f"latency {row[LATENCY]:.3f} ms (IQR {row[schema.LATENCY_IQR_MS]:.3f})<br>"
+            f"speedup {row[schema.SPEEDUP]:.3f}x{' (noisy)' if row['noisy'] else ''}<br>"
+            f"FLOPs ratio {row[schema.FLOPS_RATIO]:.3f}<br>"
+            f"tokens kept {row[schema.TOKENS_KEPT]:.3f}<br>{row[schema.CONFIG]}")
 
 
 CONFIRMED_COLOUR = "#2a9d8f"
@@ -133,52 +133,15 @@ def _error_bars(rows: pd.DataFrame, centre: str, low: str, high: str) -> tuple[l
 
 
 def _confirmed(table: pd.DataFrame) -> pd.DataFrame:
-    return table[table["confirmed_drop"].notna()] if "confirmed_drop" in table else table.iloc[0:0]
+    return table[table[CONFIRMED].notna()] if CONFIRMED in table else table.iloc[0:0]
 
 
 def _plotly_figure(table, front, winner, max_drop, title):
     import plotly.graph_objects as go
 
     figure = go.Figure()
-    figure.add_trace(go.Scatter(
-        x=table["latency_ms"], y=table["accuracy_drop"], mode="markers", name="all trials",
-        marker=dict(color="rgba(110,110,110,0.35)", size=7), hovertext=table.apply(_hover, axis=1).tolist()
-        if len(table) else [], hoverinfo="text"))
-    if len(front):
-        bars = _error_bars(front, "accuracy_drop", "accuracy_drop_ci_low", "accuracy_drop_ci_high")
-        figure.add_trace(go.Scatter(
-            x=front["latency_ms"], y=front["accuracy_drop"], mode="lines+markers", name="Pareto front",
-            line=dict(color=FRONT_COLOUR, shape="hv", width=2), marker=dict(color=FRONT_COLOUR, size=9),
-            error_y=dict(type="data", symmetric=False, array=bars[1], arrayminus=bars[0], thickness=1)
-            if bars else None, hovertext=front.apply(_hover, axis=1).tolist(), hoverinfo="text"))
-    confirmed = _confirmed(table)
-    if len(confirmed):
-        bars = _error_bars(confirmed, "confirmed_drop", "confirmed_drop_ci_low", "confirmed_drop_ci_high")
-        figure.add_trace(go.Scatter(
-            x=confirmed["latency_ms"], y=confirmed["confirmed_drop"], mode="markers",
-            name="confirmed on held-out images (95% CI)",
-            marker=dict(symbol="diamond", size=10, color=CONFIRMED_COLOUR),
-            error_y=dict(type="data", symmetric=False, array=bars[1], arrayminus=bars[0], thickness=1)
-            if bars else None, hovertext=confirmed.apply(_hover, axis=1).tolist(), hoverinfo="text"))
-    for kind, (label, _, symbol, colour) in SEED_STYLES.items():
-        seeds = table[table["seed_kind"] == kind]
-        if len(seeds):
-            figure.add_trace(go.Scatter(
-                x=seeds["latency_ms"], y=seeds["accuracy_drop"], mode="markers", name=label,
-                marker=dict(symbol=symbol, size=12, color=colour, line=dict(color="white", width=1)),
-                hovertext=seeds.apply(_hover, axis=1).tolist(), hoverinfo="text"))
-    noisy = table[table["noisy"]]
-    if len(noisy):
-        figure.add_trace(go.Scatter(
-            x=noisy["latency_ms"], y=noisy["accuracy_drop"], mode="markers", name=NOISY_LABEL,
-            marker=dict(symbol="x", size=10, color=NOISY_COLOUR), hovertext=noisy.apply(_hover, axis=1).tolist(),
-            hoverinfo="text"))
-    if winner is not None:
-        best = table[table["number"] == winner]
-        figure.add_trace(go.Scatter(
-            x=best["latency_ms"], y=best["accuracy_drop"], mode="markers", name=f"export default (trial {winner})",
-            marker=dict(symbol="star", size=18, color=WINNER_COLOUR, line=dict(color="black", width=1)),
-            hovertext=best.apply(_hover, axis=1).tolist(), hoverinfo="text"))
+    for trace in _plotly_points(go, table, front, winner):
+        figure.add_trace(trace)
     low, high = _y_range(table, max_drop)
     if max_drop is not None:
         figure.add_hrect(y0=max_drop, y1=high, fillcolor=INFEASIBLE_COLOUR, opacity=0.08, line_width=0,
@@ -197,6 +160,53 @@ def _plotly_figure(table, front, winner, max_drop, title):
     return figure
 
 
+def _plotly_error_y(bars):
+    return dict(type="data", symmetric=False, array=bars[1], arrayminus=bars[0], thickness=1) if bars else None
+
+
+def _plotly_points(go, table, front, winner) -> list:
+    """The point traces of pareto.html, bottom layer first."""
+    def hover(rows):
+        return rows.apply(_hover, axis=1).tolist()
+
+    traces = [go.Scatter(x=table[LATENCY], y=table[DROP], mode="markers", name="all trials",
+                         marker=dict(color="rgba(110,110,110,0.35)", size=7),
+                         hovertext=hover(table) if len(table) else [], hoverinfo="text")]
+    if len(front):
+        bars = _error_bars(front, DROP, *schema.INTERVAL_KEYS)
+        traces.append(go.Scatter(
+            x=front[LATENCY], y=front[DROP], mode="lines+markers", name="Pareto front",
+            line=dict(color=FRONT_COLOUR, shape="hv", width=2), marker=dict(color=FRONT_COLOUR, size=9),
+            error_y=_plotly_error_y(bars), hovertext=hover(front), hoverinfo="text"))
+    confirmed = _confirmed(table)
+    if len(confirmed):
+        bars = _error_bars(confirmed, CONFIRMED, schema.CONFIRMED_DROP_CI_LOW, schema.CONFIRMED_DROP_CI_HIGH)
+        traces.append(go.Scatter(
+            x=confirmed[LATENCY], y=confirmed[CONFIRMED], mode="markers",
+            name="confirmed on held-out images (95% CI)",
+            marker=dict(symbol="diamond", size=10, color=CONFIRMED_COLOUR),
+            error_y=_plotly_error_y(bars), hovertext=hover(confirmed), hoverinfo="text"))
+    for kind, (label, _, symbol, colour) in SEED_STYLES.items():
+        seeds = table[table[schema.SEED_KIND] == kind]
+        if len(seeds):
+            traces.append(go.Scatter(
+                x=seeds[LATENCY], y=seeds[DROP], mode="markers", name=label,
+                marker=dict(symbol=symbol, size=12, color=colour, line=dict(color="white", width=1)),
+                hovertext=hover(seeds), hoverinfo="text"))
+    noisy = table[table["noisy"]]
+    if len(noisy):
+        traces.append(go.Scatter(
+            x=noisy[LATENCY], y=noisy[DROP], mode="markers", name=NOISY_LABEL,
+            marker=dict(symbol="x", size=10, color=NOISY_COLOUR), hovertext=hover(noisy), hoverinfo="text"))
+    if winner is not None:
+        best = table[table["number"] == winner]
+        traces.append(go.Scatter(
+            x=best[LATENCY], y=best[DROP], mode="markers", name=f"export default (trial {winner})",
+            marker=dict(symbol="star", size=18, color=WINNER_COLOUR, line=dict(color="black", width=1)),
+            hovertext=hover(best), hoverinfo="text"))
+    return traces
+
+
 def _write_png(table, front, winner, max_drop, title, path: Path) -> None:
     import matplotlib
 
@@ -205,40 +215,7 @@ def _write_png(table, front, winner, max_drop, title, path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(9, 6), dpi=120)
     try:
-        axes.scatter(table["latency_ms"], table["accuracy_drop"], s=18, color="#6e6e6e", alpha=0.35,
-                     label="all trials", zorder=2)
-        if len(front):
-            axes.step(front["latency_ms"], front["accuracy_drop"], where="post", color=FRONT_COLOUR, lw=1.8,
-                      zorder=3)
-            axes.scatter(front["latency_ms"], front["accuracy_drop"], s=36, color=FRONT_COLOUR,
-                         label=f"Pareto front ({len(front)}, 95% CI)", zorder=4)
-            bars = _error_bars(front, "accuracy_drop", "accuracy_drop_ci_low", "accuracy_drop_ci_high")
-            if bars:
-                axes.errorbar(front["latency_ms"], front["accuracy_drop"], yerr=bars, fmt="none",
-                              ecolor=FRONT_COLOUR, elinewidth=0.8, capsize=2, zorder=3)
-        confirmed = _confirmed(table)
-        if len(confirmed):
-            bars = _error_bars(confirmed, "confirmed_drop", "confirmed_drop_ci_low", "confirmed_drop_ci_high")
-            axes.errorbar(confirmed["latency_ms"], confirmed["confirmed_drop"], yerr=bars, fmt="D", ms=5,
-                          color=CONFIRMED_COLOUR, elinewidth=0.8, capsize=2, zorder=5,
-                          label="confirmed on held-out images (95% CI)")
-            for _, row in front.iterrows():
-                axes.annotate(f"#{int(row['number'])} {row['speedup']:.2f}x",
-                              (row["latency_ms"], row["accuracy_drop"]), textcoords="offset points",
-                              xytext=(5, 4), fontsize=7, color=FRONT_COLOUR)
-        for kind, (label, marker, _, colour) in SEED_STYLES.items():
-            seeds = table[table["seed_kind"] == kind]
-            if len(seeds):
-                axes.scatter(seeds["latency_ms"], seeds["accuracy_drop"], s=70, marker=marker, color=colour,
-                             edgecolors="white", linewidths=0.8, label=label, zorder=7)
-        noisy = table[table["noisy"]]
-        if len(noisy):
-            axes.scatter(noisy["latency_ms"], noisy["accuracy_drop"], s=50, marker="x", color=NOISY_COLOUR,
-                         label=NOISY_LABEL, zorder=5)
-        if winner is not None:
-            best = table[table["number"] == winner]
-            axes.scatter(best["latency_ms"], best["accuracy_drop"], s=260, marker="*", color=WINNER_COLOUR,
-                         edgecolors="black", linewidths=0.8, label=f"export default (trial {winner})", zorder=6)
+        _png_points(axes, table, front, winner)
         low, high = _y_range(table, max_drop)
         axes.set_ylim(low, high)
         if max_drop is not None:
@@ -250,7 +227,7 @@ def _write_png(table, front, winner, max_drop, title, path: Path) -> None:
             axes.axvline(baseline, color="#222222", ls=":", lw=0.9)
             axes.annotate(f"dense {baseline:.3g} ms", (baseline, low), textcoords="offset points", xytext=(-4, 4),
                           ha="right", fontsize=8)
-            if baseline > 0 and (table["latency_ms"] > 0).all():
+            if baseline > 0 and (table[LATENCY] > 0).all():
                 _speedup_axis(axes, baseline)
         if table.empty:
             axes.text(0.5, 0.5, "no measured trials yet", transform=axes.transAxes, ha="center", fontsize=14)
@@ -263,6 +240,39 @@ def _write_png(table, front, winner, max_drop, title, path: Path) -> None:
         figure.savefig(path)
     finally:
         plt.close(figure)
+
+
+def _png_points(axes, table, front, winner) -> None:
+    """The points of pareto.png, in the layers of pareto.html."""
+    axes.scatter(table[LATENCY], table[DROP], s=18, color="#6e6e6e", alpha=0.35, label="all trials", zorder=2)
+    if len(front):
+        axes.step(front[LATENCY], front[DROP], where="post", color=FRONT_COLOUR, lw=1.8, zorder=3)
+        axes.scatter(front[LATENCY], front[DROP], s=36, color=FRONT_COLOUR,
+                     label=f"Pareto front ({len(front)}, 95% CI)", zorder=4)
+        bars = _error_bars(front, DROP, *schema.INTERVAL_KEYS)
+        if bars:
+            axes.errorbar(front[LATENCY], front[DROP], yerr=bars, fmt="none", ecolor=FRONT_COLOUR, elinewidth=0.8,
+                          capsize=2, zorder=3)
+    confirmed = _confirmed(table)
+    if len(confirmed):
+        bars = _error_bars(confirmed, CONFIRMED, schema.CONFIRMED_DROP_CI_LOW, schema.CONFIRMED_DROP_CI_HIGH)
+        axes.errorbar(confirmed[LATENCY], confirmed[CONFIRMED], yerr=bars, fmt="D", ms=5, color=CONFIRMED_COLOUR,
+                      elinewidth=0.8, capsize=2, zorder=5, label="confirmed on held-out images (95% CI)")
+        for _, row in front.iterrows():
+            axes.annotate(f"#{int(row['number'])} {row[schema.SPEEDUP]:.2f}x", (row[LATENCY], row[DROP]),
+                          textcoords="offset points", xytext=(5, 4), fontsize=7, color=FRONT_COLOUR)
+    for kind, (label, marker, _, colour) in SEED_STYLES.items():
+        seeds = table[table[schema.SEED_KIND] == kind]
+        if len(seeds):
+            axes.scatter(seeds[LATENCY], seeds[DROP], s=70, marker=marker, color=colour, edgecolors="white",
+                         linewidths=0.8, label=label, zorder=7)
+    noisy = table[table["noisy"]]
+    if len(noisy):
+        axes.scatter(noisy[LATENCY], noisy[DROP], s=50, marker="x", color=NOISY_COLOUR, label=NOISY_LABEL, zorder=5)
+    if winner is not None:
+        best = table[table["number"] == winner]
+        axes.scatter(best[LATENCY], best[DROP], s=260, marker="*", color=WINNER_COLOUR, edgecolors="black",
+                     linewidths=0.8, label=f"export default (trial {winner})", zorder=6)
 
 
 def _speedup_axis(axes, baseline: float) -> None:

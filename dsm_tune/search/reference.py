@@ -16,19 +16,25 @@ Studies told before the reference existed hold the raw dense median in `baseline
 
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-REFERENCE_ATTR = "dense_reference"        # study attr, written by the driver after every tell (a record only)
-NOISY_ATTR = "speedup_noisy"              # trial attr from the evaluator: its interleaved pairs disagreed too much
+from dsm_tune.evaluation.record import (
+    BASELINE, BASELINE_LATENCY_MS, BASELINE_MEASURED_MS, DUPLICATE_OF, LATENCY_MEASURED_MS, LATENCY_MS,
+    REFERENCE_ATTR, SPEEDUP, SPEEDUP_NOISY,
+)
+from dsm_tune.search.text import is_finite_number
+
+__all__ = ["REFERENCE_ATTR", "NOISY_ATTR", "MEASURED_STATES", "DenseReference", "finite_positive",
+           "study_reference", "trial_dense_ms", "truthy"]
+
+NOISY_ATTR = SPEEDUP_NOISY                # the driver's loop reads the flag under this name
 MEASURED_STATES = ("COMPLETE", "PRUNED")  # the trials whose dense timing counts
 
 
 def finite_positive(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and value > 0)
+    return is_finite_number(value) and value > 0
 
 
 def truthy(value: Any) -> bool:
@@ -38,9 +44,9 @@ def truthy(value: Any) -> bool:
 
 def trial_dense_ms(attrs: Mapping[str, Any]) -> float | None:
     """The trial's own dense median, or None when it timed nothing or copied another trial's timing."""
-    if attrs.get("duplicate_of") is not None:
+    if attrs.get(DUPLICATE_OF) is not None:
         return None
-    value = attrs.get("baseline_measured_ms", attrs.get("baseline_latency_ms"))
+    value = attrs.get(BASELINE_MEASURED_MS, attrs.get(BASELINE_LATENCY_MS))
     return float(value) if finite_positive(value) else None
 
 
@@ -72,15 +78,15 @@ class DenseReference:
         raw medians kept as `*_measured_ms`, `baseline_latency_ms` = the reference, `latency_ms` = reference /
         speedup. A trial without a speedup (not timed) keeps what it has."""
         out = dict(attrs)
-        speedup = attrs.get("speedup")
+        speedup = attrs.get(SPEEDUP)
         if not finite_positive(speedup) or self.latency_ms is None:
             return out
-        if "latency_measured_ms" not in out:
-            out["latency_measured_ms"] = attrs.get("latency_ms")
-        if "baseline_measured_ms" not in out:
-            out["baseline_measured_ms"] = attrs.get("baseline_latency_ms")
-        out["baseline_latency_ms"] = self.latency_ms
-        out["latency_ms"] = round(self.latency_ms / float(speedup), 6)
+        if LATENCY_MEASURED_MS not in out:
+            out[LATENCY_MEASURED_MS] = attrs.get(LATENCY_MS)
+        if BASELINE_MEASURED_MS not in out:
+            out[BASELINE_MEASURED_MS] = attrs.get(BASELINE_LATENCY_MS)
+        out[BASELINE_LATENCY_MS] = self.latency_ms
+        out[LATENCY_MS] = round(self.latency_ms / float(speedup), 6)
         return out
 
 
@@ -88,5 +94,5 @@ def study_reference(study: Any) -> DenseReference:
     """The current dense reference of an Optuna study of dsm-tune (read-only)."""
     timings = [trial_dense_ms(t.user_attrs) for t in study.get_trials(deepcopy=False)
                if t.state.name in MEASURED_STATES]
-    first = (study.user_attrs.get("baseline") or {}).get("latency_ms")
+    first = (study.user_attrs.get(BASELINE) or {}).get("latency_ms")
     return DenseReference.of([t for t in timings if t is not None], first)

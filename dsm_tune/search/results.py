@@ -14,38 +14,21 @@ from typing import Any, Iterable, Mapping
 import optuna
 import pandas as pd
 
-from dsm_tune.search.folder import STORAGE_FILE, StudyError, StudyFolder
-from dsm_tune.search.reference import NOISY_ATTR, DenseReference, study_reference, truthy
-
-__all__ = ["STORAGE_FILE", "StudyError", "storage_url", "open_storage", "load_study", "trials_frame",
-           "write_trials_csv", "pareto_numbers", "front_of", "json_safe",
-           "config_attr"]
-
-OBJECTIVES = ("accuracy_drop", "latency_ms")
-# The study user attr holding the front's confirmed figures (`search/confirmation.py`): {"data_fingerprint": ...,
-# "scores": {trial number: {CONFIRMED_FIELDS}}}. Every reader gets them as columns of the trials frame.
-CONFIRM_ATTR = "confirmations"
-CONFIRMED_FIELDS = ("confirmed_drop", "confirmed_drop_ci_low", "confirmed_drop_ci_high", "confirmed_num_images")
-
-# Leading columns of trials.csv, in this order; every trial user attr follows under its own name.
-BASE_COLUMNS = ("number", "state", "values_0", "values_1", "datetime_start", "datetime_complete", "duration_s")
-# Read first when present so the CSV is easy to scan; the rest follow alphabetically.
-PREFERRED_ATTRS = (
-    "seed_kind", "accuracy_drop", "accuracy_drop_ci_low", "accuracy_drop_ci_high", *CONFIRMED_FIELDS,
-    "latency_ms", "speedup", "constraint", "metric", "metric_value", "aborted",
-    "latency_iqr_ms", "baseline_latency_ms", "latency_measured_ms", "baseline_measured_ms", "speedup_iqr",
-    NOISY_ATTR, "flops_ratio", "tokens_kept", "num_images", "eval_seconds", "worker",
-    "fail_reason", "duplicate_of", "config_key", "config",
+from dsm_tune.evaluation.record import (
+    ACCURACY_DROP, CONFIRM_ATTR, CONFIRMED_FIELDS, LATENCY_MS, NUMERIC_ATTRS, OBJECTIVES, PREFERRED_ATTRS,
+    SPEEDUP_NOISY,
 )
+from dsm_tune.search.folder import STORAGE_FILE, StudyError, StudyFolder
+from dsm_tune.search.reference import DenseReference, study_reference, truthy
+from dsm_tune.search.text import json_safe
 
+# CONFIRM_ATTR, CONFIRMED_FIELDS, OBJECTIVES and json_safe are read from here by older callers.
+__all__ = ["CONFIRM_ATTR", "CONFIRMED_FIELDS", "OBJECTIVES", "STORAGE_FILE", "StudyError", "load_study",
+           "trials_frame", "write_trials_csv", "pareto_numbers", "front", "front_of", "json_safe", "config_attr"]
 
-def storage_url(study_dir: Path) -> str:
-    return StudyFolder.at(study_dir).storage_url
-
-
-def open_storage(study_dir: Path) -> optuna.storages.RDBStorage:
-    """The study's storage for writing (the driver); see `StudyFolder.open_storage`."""
-    return StudyFolder.at(study_dir).open_storage()
+# Leading columns of trials.csv, in this order; every trial user attr follows under its own name (the preferred
+# ones first: `record.PREFERRED_ATTRS`).
+BASE_COLUMNS = ("number", "state", "values_0", "values_1", "datetime_start", "datetime_complete", "duration_s")
 
 
 def load_study(study_dir: Path) -> optuna.Study:
@@ -110,8 +93,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     rows = [_row(t, reference, confirmed) for t in study.get_trials(deepcopy=False)]
     columns = _ordered_columns([c for row in rows for c in row] + list(BASE_COLUMNS))
     frame = pd.DataFrame(rows, columns=columns)
-    for name in ("values_0", "values_1", "duration_s") + OBJECTIVES + CONFIRMED_FIELDS + (
-            "constraint", "speedup", "baseline_latency_ms", "accuracy_drop_ci_low", "accuracy_drop_ci_high"):
+    for name in ("values_0", "values_1", "duration_s") + NUMERIC_ATTRS:
         if name in frame:
             frame[name] = pd.to_numeric(frame[name], errors="coerce")
     return frame
@@ -128,56 +110,47 @@ def write_trials_csv(study: optuna.Study, path: Path) -> pd.DataFrame:
 
 
 def pareto_numbers(df: pd.DataFrame, max_drop: float | None = None) -> list[int]:
-    """Trial numbers of the non-dominated COMPLETE trials in (accuracy_drop, latency_ms), fastest first.
+    """Trial numbers of the non-dominated COMPLETE trials of a trials frame in (accuracy_drop, latency_ms), fastest
+    first (`front`).
 
-    With `max_drop`, only trials within that accuracy drop compete (the front of the feasible set). Ties (equal in
-    both objectives) are all kept. A trial whose speedup is flagged noisy (`speedup_noisy`) is not on the front:
-    noise must not build it.
+    With `max_drop`, only trials within that accuracy drop compete (the front of the feasible set). A trial whose
+    speedup is flagged noisy (`speedup_noisy`) is not on the front: noise must not build it.
     """
     if df.empty or "state" not in df:
         return []
-    drop_col = "accuracy_drop" if "accuracy_drop" in df else "values_0"
-    latency_col = "latency_ms" if "latency_ms" in df else "values_1"
+    drop_col = ACCURACY_DROP if ACCURACY_DROP in df else "values_0"
+    latency_col = LATENCY_MS if LATENCY_MS in df else "values_1"
     done = df[df["state"] == "COMPLETE"]
-    if NOISY_ATTR in done:
-        done = done[~done[NOISY_ATTR].map(truthy)]
+    if SPEEDUP_NOISY in done:
+        done = done[~done[SPEEDUP_NOISY].map(truthy)]
     drops = pd.to_numeric(done[drop_col], errors="coerce")
     latencies = pd.to_numeric(done[latency_col], errors="coerce")
     keep = drops.notna() & latencies.notna()
     if max_drop is not None:
         keep &= drops <= max_drop
     numbers = done.loc[keep, "number"].astype(int).tolist()
-    return front_of(zip(latencies[keep].tolist(), drops[keep].tolist(), numbers))
+    return front(zip(latencies[keep].tolist(), drops[keep].tolist(), numbers))
 
 
-def front_of(points: Iterable[tuple[float, float, int]]) -> list[int]:
-    """Numbers of the non-dominated (latency, drop, number) points, fastest first; exact ties are all kept."""
-    front: list[int] = []
+def front(points: Iterable[tuple[float, float, int]]) -> list[int]:
+    """The Pareto front: numbers of the non-dominated (latency, drop, number) points, fastest first; exact ties
+    (equal in both objectives) are all kept. Every front of dsm-tune is this one."""
+    numbers: list[int] = []
     best_drop = math.inf
     last: tuple[float, float] | None = None
     for latency, drop, number in sorted(points):
         # Sorted by latency then drop: a point is dominated iff an earlier (no slower) point is at least as
         # accurate and strictly better in one objective.
         if drop < best_drop or (last is not None and (latency, drop) == last):
-            front.append(number)
+            numbers.append(number)
             if drop < best_drop:
                 best_drop = drop
                 last = (latency, drop)
-    return front
+    return numbers
 
 
-def json_safe(value: Any) -> Any:
-    """A JSON-safe copy for study attrs and frozen configs: NaN/inf become null (strict JSON forbids them),
-    tuples become lists, numpy/torch scalars become Python numbers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):
-        return json_safe(value.item())
-    return value
+# The driver's progress line still calls it by this name.
+front_of = front
 
 
 def config_attr(cfg: Any) -> dict[str, Any]:

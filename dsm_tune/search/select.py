@@ -16,21 +16,22 @@ from typing import Any, Mapping
 import pandas as pd
 
 from dsm_tune.errors import DSMTuneError
-from dsm_tune.search.reference import NOISY_ATTR, study_reference, truthy
-from dsm_tune.search.results import CONFIRMED_FIELDS, confirmed_scores, json_safe
+from dsm_tune.evaluation import record as schema
+from dsm_tune.evaluation.record import (
+    ABORTED, ACCURACY_DROP, BASELINE_LATENCY_MS, CONFIRMED_DROP, CONFIRMED_DROP_CI_HIGH, CONFIRMED_FIELDS,
+    FROZEN_METRIC_KEYS, LATENCY_MS, SPEEDUP, SPEEDUP_NOISY,
+)
+from dsm_tune.search.reference import study_reference, truthy
+from dsm_tune.search.results import confirmed_scores
+from dsm_tune.search.text import is_finite_number, json_safe
 
-# Trial metrics copied into the frozen document, in the order a reader wants them.
-# latency_ms = baseline_latency_ms (the study's dense reference) / speedup; the *_measured_ms are the trial's raw
-# interleaved medians (see `dsm_tune.search.reference`).
-FROZEN_METRIC_KEYS = ("metric", "metric_value", "accuracy_drop", "accuracy_drop_ci_low", "accuracy_drop_ci_high",
-                      *CONFIRMED_FIELDS, "latency_ms", "latency_iqr_ms",
-                      "baseline_latency_ms", "speedup", "speedup_iqr", NOISY_ATTR, "latency_measured_ms",
-                      "baseline_measured_ms", "baseline_latency_iqr_ms", "flops_ratio", "tokens_kept", "num_images")
+# The frozen document's metrics are `record.FROZEN_METRIC_KEYS`: latency_ms = baseline_latency_ms (the study's
+# dense reference) / speedup; the *_measured_ms are the trial's raw interleaved medians (`search/reference.py`).
 
 # Which drop the limit rules compare: the confirmed drop (images the search never saw; the default), its interval's
 # upper bound (`--conservative`), or the search drop (the figure the search optimised, biased low by selection).
 BASES = ("confirmed", "conservative", "search")
-_BASIS_COLUMN = {"confirmed": "confirmed_drop", "conservative": "confirmed_drop_ci_high", "search": "accuracy_drop"}
+_BASIS_COLUMN = {"confirmed": CONFIRMED_DROP, "conservative": CONFIRMED_DROP_CI_HIGH, "search": ACCURACY_DROP}
 
 
 class SelectionError(DSMTuneError):
@@ -74,27 +75,27 @@ def measured_trials(df: pd.DataFrame) -> pd.DataFrame:
     """
     if "number" not in df.columns:
         raise SelectionError("the trials frame has no 'number' column: not a dsm-tune trials frame")
-    drop = numeric_column(df, "accuracy_drop")
-    latency = numeric_column(df, "latency_ms")
-    speedup = numeric_column(df, "speedup")
-    baseline = numeric_column(df, "baseline_latency_ms")
+    drop = numeric_column(df, ACCURACY_DROP)
+    latency = numeric_column(df, LATENCY_MS)
+    speedup = numeric_column(df, SPEEDUP)
+    baseline = numeric_column(df, BASELINE_LATENCY_MS)
     speedup = speedup.where(speedup.notna(), baseline / latency)
     state = df["state"].astype(str)
-    table = pd.DataFrame({"number": df["number"].astype(int), "state": state, "accuracy_drop": drop,
-                          "latency_ms": latency, "speedup": speedup, "aborted": _bool_column(df, "aborted"),
-                          "noisy": _bool_column(df, NOISY_ATTR),
+    table = pd.DataFrame({"number": df["number"].astype(int), "state": state, ACCURACY_DROP: drop,
+                          LATENCY_MS: latency, SPEEDUP: speedup, ABORTED: _bool_column(df, ABORTED),
+                          "noisy": _bool_column(df, SPEEDUP_NOISY),
                           **{name: numeric_column(df, name) for name in CONFIRMED_FIELDS}})
-    usable = ((table["state"] == "COMPLETE") & ~table["aborted"]
-              & table["accuracy_drop"].map(math.isfinite) & table["latency_ms"].map(math.isfinite))
+    usable = ((table["state"] == "COMPLETE") & ~table[ABORTED]
+              & table[ACCURACY_DROP].map(math.isfinite) & table[LATENCY_MS].map(math.isfinite))
     return table[usable]
 
 
 def _figures(row: Mapping[str, Any]) -> str:
-    confirmed = row.get("confirmed_drop")
-    return (f"drop {row['accuracy_drop']:.3g}"
-            + (f" (confirmed {confirmed:.3g}, upper bound {row['confirmed_drop_ci_high']:.3g})"
-               if isinstance(confirmed, float) and math.isfinite(confirmed) else "")
-            + f", {row['latency_ms']:.4g} ms, speedup {row['speedup']:.3g}x")
+    confirmed = row.get(CONFIRMED_DROP)
+    return (f"drop {row[ACCURACY_DROP]:.3g}"
+            + (f" (confirmed {confirmed:.3g}, upper bound {row[CONFIRMED_DROP_CI_HIGH]:.3g})"
+               if isinstance(confirmed, float) and is_finite_number(confirmed) else "")
+            + f", {row[LATENCY_MS]:.4g} ms, speedup {row[SPEEDUP]:.3g}x")
 
 
 # --- the rule ------------------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def effective_basis(df: pd.DataFrame, rule: Rule) -> str:
     with --confirm 0, or before confirmation existed), or for the rules the basis does not apply to."""
     if rule.trial is not None or rule.min_speedup is not None or rule.basis == "search":
         return "search"
-    confirmed = numeric_column(df, "confirmed_drop")
+    confirmed = numeric_column(df, CONFIRMED_DROP)
     return rule.basis if confirmed.notna().any() else "search"
 
 
@@ -167,14 +168,7 @@ def pick_winner(df: pd.DataFrame, rule: Rule, study_max_drop: float | None) -> i
                 if noisy else "")
     if measured.empty:
         raise NoWinnerError(f"no trial to choose from: {_state_summary(df)}{left_out}")
-
-    limit = rule.max_accuracy_drop
-    if limit is None and rule.min_speedup is None:
-        limit = study_max_drop
-        if limit is None:
-            raise SelectionError("the study has no max_accuracy_drop: give --max-accuracy-drop, --min-speedup "
-                                 "or --trial")
-
+    limit = _drop_limit(rule, study_max_drop)
     column = _BASIS_COLUMN[basis]
     if basis != "search":
         unconfirmed = int(measured[column].isna().sum())
@@ -186,25 +180,39 @@ def pick_winner(df: pd.DataFrame, rule: Rule, study_max_drop: float | None) -> i
     within_drop = measured if limit is None else measured[measured[column] <= limit]
     if rule.min_speedup is None:
         if within_drop.empty:
-            closest = measured.sort_values([column, "latency_ms", "number"]).iloc[0]
+            closest = measured.sort_values([column, LATENCY_MS, "number"]).iloc[0]
             what = {"search": "an accuracy drop", "confirmed": "a confirmed accuracy drop",
                     "conservative": "a confirmed drop whose 95% upper bound is"}[basis]
             raise NoWinnerError(
                 f"no trial has {what} <= {limit:g} ({len(measured)} measured); closest: "
                 f"trial {int(closest['number'])} ({_figures(closest)}){left_out}", int(closest["number"]))
-        best = within_drop.sort_values(["latency_ms", "accuracy_drop", "number"]).iloc[0]
+        best = within_drop.sort_values([LATENCY_MS, ACCURACY_DROP, "number"]).iloc[0]
         return int(best["number"])
+    return _most_accurate_fast_enough(measured, within_drop, rule.min_speedup, limit, left_out)
 
-    fast_enough = within_drop[within_drop["speedup"] >= rule.min_speedup]
+
+def _drop_limit(rule: Rule, study_max_drop: float | None) -> float | None:
+    """The drop limit `rule` applies: its own, else the study's (the default rule), none for a speedup rule."""
+    if rule.max_accuracy_drop is not None or rule.min_speedup is not None:
+        return rule.max_accuracy_drop
+    if study_max_drop is None:
+        raise SelectionError("the study has no max_accuracy_drop: give --max-accuracy-drop, --min-speedup "
+                             "or --trial")
+    return study_max_drop
+
+
+def _most_accurate_fast_enough(measured: pd.DataFrame, within_drop: pd.DataFrame, min_speedup: float,
+                               limit: float | None, left_out: str) -> int:
+    fast_enough = within_drop[within_drop[SPEEDUP] >= min_speedup]
     if fast_enough.empty:
         pool = within_drop if not within_drop.empty else measured
-        closest = pool.sort_values(["speedup", "number"], ascending=[False, True]).iloc[0]
-        condition = f"a speedup >= {rule.min_speedup:g}x" + (
+        closest = pool.sort_values([SPEEDUP, "number"], ascending=[False, True]).iloc[0]
+        condition = f"a speedup >= {min_speedup:g}x" + (
             f" with accuracy drop <= {limit:g}" if limit is not None else "")
         raise NoWinnerError(f"no trial reaches {condition} ({len(measured)} measured); closest: "
                             f"trial {int(closest['number'])} ({_figures(closest)}){left_out}",
                             int(closest["number"]))
-    best = fast_enough.sort_values(["accuracy_drop", "latency_ms", "number"]).iloc[0]
+    best = fast_enough.sort_values([ACCURACY_DROP, LATENCY_MS, "number"]).iloc[0]
     return int(best["number"])
 
 
@@ -213,7 +221,7 @@ def _state_summary(df: pd.DataFrame) -> str:
         return "the study has no trials"
     states = df["state"].astype(str)
     counts = ", ".join(f"{n} {s.lower()}" for s, n in states.value_counts().sort_index().items())
-    aborted = int(_bool_column(df, "aborted").sum())
+    aborted = int(_bool_column(df, ABORTED).sum())
     return f"{len(df)} trial(s): {counts}" + (f", {aborted} aborted early" if aborted else "")
 
 
@@ -226,9 +234,9 @@ def _check_named_trial(df: pd.DataFrame, number: int) -> int:
     if number not in set(measured_trials(df)["number"]):
         row = rows.iloc[0]
         state = str(row.get("state", "?"))
-        reason = frame_column(rows, "fail_reason")
+        reason = frame_column(rows, schema.FAIL_REASON)
         why = f": {reason.iloc[0]}" if reason is not None and isinstance(reason.iloc[0], str) else ""
-        aborted = bool(_bool_column(rows, "aborted").iloc[0])
+        aborted = bool(_bool_column(rows, ABORTED).iloc[0])
         what = "was aborted early (its drop was hopeless)" if aborted else f"has no measured result ({state}{why})"
         raise NoWinnerError(f"trial {number} {what}; pick a completed trial", None)
     return number
@@ -269,31 +277,40 @@ def freeze_trial(study: Any, number: int, selection: Mapping[str, Any] | None = 
         raise NoWinnerError(f"trial {number} is {trial.state.name}, not COMPLETE; only measured trials can be exported")
     study_attrs, reference = study.user_attrs, study_reference(study)
     attrs = {**reference.figures(trial.user_attrs), **confirmed_scores(study.user_attrs).get(number, {})}
-    for key, holder, where in (("config", attrs, f"trial {number}"), ("fingerprint", study_attrs, "the study"),
-                               ("spec", study_attrs, "the study")):
+    for key, holder, where in ((schema.CONFIG, attrs, f"trial {number}"),
+                               (schema.FINGERPRINT, study_attrs, "the study"), (schema.SPEC, study_attrs, "the study")):
         if key not in holder:
             raise SelectionError(f"{where} of {study.study_name!r} has no {key!r} attribute: not a dsm-tune study")
-    spec = study_attrs["spec"]
-    versions = study_attrs.get("versions") or {}
+    spec = study_attrs[schema.SPEC]
 
-    document = {**attrs["config"], "model": study_attrs["fingerprint"]}   # see `results.config_attr`
+    document = {**attrs[schema.CONFIG], "model": study_attrs[schema.FINGERPRINT]}   # see `results.config_attr`
     config = DSMConfig.from_dict(document, require_model=True)
 
     metrics = {key: attrs[key] for key in FROZEN_METRIC_KEYS if key in attrs}
     # The dense record of the study, its latency the reference every figure above is relative to (the first
     # dense timing, possibly taken under load, is kept under its own name).
-    dense = {k: v for k, v in (study_attrs.get("baseline") or {}).items() if not k.startswith("latency")}
+    dense = {k: v for k, v in (study_attrs.get(schema.BASELINE) or {}).items() if not k.startswith("latency")}
     metrics["baseline"] = {**dense, "latency_ms": reference.latency_ms, "dense_timings": reference.timings,
                            "first_latency_ms": reference.first_ms}
     metrics["max_accuracy_drop"] = spec.get("max_accuracy_drop")
     if selection is not None:
         metrics["selection"] = dict(selection)
     metrics["tokens_per_block"] = list(token_schedule(config))
+    provenance = _provenance(study, trial, attrs)
+    return config.replace(target=json_safe(_target_document(spec)), metrics=json_safe(metrics),
+                          provenance=json_safe(provenance))
+
+
+def _provenance(study: Any, trial: Any, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Where a frozen trial comes from: study, trial, versions, data, search space, dates."""
+    study_attrs = study.user_attrs
+    spec = study_attrs[schema.SPEC]
+    versions = study_attrs.get(schema.VERSIONS) or {}
     completed = trial.datetime_complete
-    provenance = {
+    return {
         "study": study.study_name,
-        "trial": number,
-        "seed_kind": attrs.get("seed_kind"),
+        "trial": trial.number,
+        schema.SEED_KIND: attrs.get(schema.SEED_KIND),
         "dsm_tune": versions.get("dsm_tune"),
         "timm": versions.get("timm"),
         "torch": versions.get("torch"),
@@ -303,10 +320,8 @@ def freeze_trial(study: Any, number: int, selection: Mapping[str, Any] | None = 
         "data_seed": spec.get("data_seed", 0),
         "confirm": spec.get("confirm", 0.0),
         "confirm_data": spec.get("confirm_data"),
-        "data_fingerprint": study_attrs.get("data_fingerprint"),
+        "data_fingerprint": study_attrs.get(schema.DATA_FINGERPRINT),
         "search_space": spec.get("space"),
         "measured": completed.isoformat(timespec="seconds") if completed else None,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    return config.replace(target=json_safe(_target_document(spec)), metrics=json_safe(metrics),
-                          provenance=json_safe(provenance))

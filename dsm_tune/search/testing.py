@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsm_tune.evaluation import record as schema
+from dsm_tune.evaluation.policy import TimingPolicy
 from dsm_tune.merging import DSMConfig, ModelFingerprint, block_plan
 
 
@@ -83,13 +85,19 @@ class StandInEvaluator:
         latency = dense * (0.08 + 0.92 * mean_tokens) / (1.5 if noisy else 1.0)
         final = plans[-1].tokens_out / initial if plans else 1.0
         return {
-            "metric": "top1", "metric_value": 90.0 - drop, "accuracy_drop": round(drop, 6), "aborted": False,
-            "latency_ms": round(latency, 6), "latency_iqr_ms": 0.0, "baseline_latency_ms": round(dense, 6),
-            "speedup": round(dense / latency, 6), "flops_ratio": round(mean_tokens, 6),
-            "tokens_kept": round(final, 6), "num_images": 100, "eval_seconds": time.perf_counter() - started,
-            **({"speedup_noisy": True} if noisy else {}),
-            **({"options_seen": dict(options)} if options else {}),
+            schema.METRIC: "top1", schema.METRIC_VALUE: 90.0 - drop, schema.ACCURACY_DROP: round(drop, 6),
+            schema.ABORTED: False, schema.LATENCY_MS: round(latency, 6), schema.LATENCY_IQR_MS: 0.0,
+            schema.BASELINE_LATENCY_MS: round(dense, 6), schema.SPEEDUP: round(dense / latency, 6),
+            schema.FLOPS_RATIO: round(mean_tokens, 6), schema.TOKENS_KEPT: round(final, 6), schema.NUM_IMAGES: 100,
+            schema.EVAL_SECONDS: time.perf_counter() - started,
+            **({schema.SPEEDUP_NOISY: True} if noisy else {}),
+            **({schema.OPTIONS_SEEN: _stored_options(options)} if options else {}),
         }
+
+
+def _stored_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options as a trial attr can hold them: a timing policy in its dict form."""
+    return {k: v.to_dict() if isinstance(v, TimingPolicy) else v for k, v in options.items()}
 
 
 @dataclass(frozen=True)

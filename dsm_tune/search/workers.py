@@ -9,7 +9,6 @@ import (see `start_ray`).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import socket
 import tempfile
@@ -20,11 +19,8 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Union
 
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.merging import DSMConfig, ModelFingerprint
-
-# Ray reads this once, when it is first imported: "0" makes a local Ray resolve its node address to loopback, so
-# every Ray server of a local study listens on 127.0.0.1 only (ray.init's `_node_ip_address="127.0.0.1"` alone is
-# mapped back to the routable address by Ray 2.x).
-_RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+from dsm_tune.search.ray_session import RAY_LOOPBACK_ENV
+from dsm_tune.search.text import is_finite_number  # noqa: F401 - the driver's teller reads it from here
 
 _RAY_NICENESS_ENV = "RAY_worker_niceness"
 
@@ -45,7 +41,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
 
     prepare_connection(address)   # before Ray's import: an explicit address joins in token mode when a token exists
     if address is None:
-        os.environ.setdefault(_RAY_LOOPBACK_ENV, "0")
+        os.environ.setdefault(RAY_LOOPBACK_ENV, "0")
         # Ray runs its workers at niceness 15; a worker timing a model must not yield the cores to every other
         # process of the host, or its latency measures their load. The raylet reads this when it starts.
         os.environ.setdefault(_RAY_NICENESS_ENV, "0")
@@ -502,8 +498,3 @@ class InProcessPool:
         self._cfgs.clear()
         self._options.clear()
         return running
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-

@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 from dsm_tune.cli import main as cli_main
 from dsm_tune.commands.ui import ui_command
 from dsm_tune.search.results import pareto_numbers, trials_frame
-from dsm_tune.search.tracking import PENDING_NAME, MlflowTracker, trial_record
+from dsm_tune.search.folder import PENDING_FILE
+from dsm_tune.search.tracking import MlflowTracker, trial_record
 from tests.helpers.mlflow_helpers import free_port, make_empty_store, rest, running_server
 from tests.helpers.synthetic_study import create_study, populate
 
@@ -136,13 +137,13 @@ def test_a_server_that_comes_back_receives_the_queued_trials(tmp_path, monkeypat
         assert tracker.start_study(study_dir, study.user_attrs, resumed=False) is None
         for trial in study.trials[:6]:
             tracker.log_trial(trial_record(trial))
-    assert len((study_dir / PENDING_NAME).read_text().splitlines()) == 6
+    assert len((study_dir / PENDING_FILE).read_text().splitlines()) == 6
 
     server_store = f"sqlite:///{tmp_path / 'server.db'}"  # the server creates it
     with running_server(ui_command(server_store, "127.0.0.1", port), port, tmp_path / "server.log"):
         for trial in study.trials[6:]:
             tracker.log_trial(trial_record(trial))  # the first of these flushes the queue
-        assert not (study_dir / PENDING_NAME).exists()
+        assert not (study_dir / PENDING_FILE).exists()
         (study_dir / "trials.csv").write_text("number\n0\n")
         tracker.end_study(pareto_numbers(trials_frame(study)))
 

@@ -17,26 +17,24 @@ is caught and reported as one warning line; the trial's payload is queued in mem
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from dsm_tune.evaluation.record import PARENT_ATTR, SPEC
 from dsm_tune.search.folder import StudyFolder
+from dsm_tune.search.tracking.artifacts import StudyArtifacts
 from dsm_tune.search.tracking.records import TrackingError, finite_metric, mlflow_payload, tag_value
 from dsm_tune.search.tracking.runs import (
-    EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, FRONT_IMAGE_KEY, FRONT_TABLE, LOGGED_ARTIFACTS_TAG, ROLE_TAG,
-    RUN_STATUS_OF_STATE, STUDY_TAG, ChildRuns, closing_figures, front_table, front_view, model_and_target,
-    parent_tags,
+    EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ROLE_TAG, RUN_STATUS_OF_STATE, STUDY_TAG, ChildRuns, closing_figures,
+    front_view, model_and_target, parent_tags,
 )
 from dsm_tune.search.tracking.spool import Spool
 
 # One logger for the whole tracking package: its warnings are what users see of an outage.
 log = logging.getLogger("dsm_tune.search.tracking")
-
-PARENT_ATTR = "mlflow_parent_run_id"
 
 
 # MLflow's HTTP client retries 7 times with a backoff factor of 2 by default (minutes per call against a dead
@@ -158,7 +156,7 @@ class MlflowTracker:
             return
         try:
             with _bounded_http_retries():
-                self._upload_artifacts(Path(study_dir) if study_dir is not None else self.study_dir)
+                self._artifacts().upload(Path(study_dir) if study_dir is not None else self.study_dir)
         except Exception as exc:  # the store failing must not stop the study
             self._went_offline("uploading the study's artifacts", exc)
 
@@ -179,8 +177,10 @@ class MlflowTracker:
                 self._queue_missing(records)
                 self._flush_pending()
                 self._children.tag_pareto(set(int(n) for n in pareto_trial_numbers))
-                self._upload_artifacts(self.study_dir)
-                self._log_front(pareto_trial_numbers, records)
+                artifacts = self._artifacts()
+                artifacts.upload(self.study_dir)
+                limit = finite_metric((self._attrs.get(SPEC) or {}).get("max_accuracy_drop"))
+                artifacts.log_front(pareto_trial_numbers, records, limit, len(self._children.runs))
                 self._close_parent(pareto_trial_numbers)
         except Exception as exc:
             self._went_offline("finishing the study", exc)
@@ -259,7 +259,9 @@ class MlflowTracker:
                 self._log_parent_tags()
                 self._children = ChildRuns.find(self.client, self.experiment_id, self.parent_run_id, self.study_name)
                 return
-        self.experiment_id = self._experiment_id()
+        model, target = model_and_target(self._attrs)
+        self.experiment_id = _experiment_id(self.client, self.experiment_override or experiment_name(model, target),
+                                            self.uri)
         self._tag_experiment()
         run = self.client.create_run(self.experiment_id, run_name=self.study_name,
                                      tags={ROLE_TAG: "study", STUDY_TAG: self.study_name})
@@ -267,23 +269,11 @@ class MlflowTracker:
         self._log_parent_tags()
         self._children = ChildRuns(self.client, self.experiment_id, self.parent_run_id, self.study_name)
 
-    def _experiment_id(self) -> str:
-        model, target = model_and_target(self._attrs)
-        name = self.experiment_override or experiment_name(model, target)
-        experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            if experiment.lifecycle_stage == "deleted":
-                self.client.restore_experiment(experiment.experiment_id)
-            return experiment.experiment_id
-        root = local_artifact_root(self.uri)
-        return self.client.create_experiment(name, artifact_location=root.resolve().as_uri() if root else None)
-
     def _tag_experiment(self) -> None:
-        """The experiment kind (so MLflow 3 shows runs, not GenAI traces) and this study's saved front view, on
-        a new experiment and on one reused from earlier studies alike."""
-        key, view = front_view(self.study_name, int(time.time() * 1000))
-        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        self.client.set_experiment_tag(self.experiment_id, key, view)
+        _tag_experiment(self.client, self.experiment_id, self.study_name)
+
+    def _artifacts(self) -> StudyArtifacts:
+        return StudyArtifacts(self.client, self.parent_run_id, self.study_dir)
 
     def _log_parent_tags(self) -> None:
         from mlflow.entities import RunTag
@@ -309,46 +299,21 @@ class MlflowTracker:
             del self._pending[number]
         self._spool.write(self._pending)
 
-    # --- artifacts --------------------------------------------------------------------------------------------
-    def _log_front(self, pareto_numbers: list[int], records: list[Mapping[str, Any]]) -> None:
-        """The front as a table the artifact view renders (`pareto_front.json`) and pareto.png as a logged image
-        of the parent (its charts show it), beside the pareto.png artifact."""
-        import tempfile
 
-        import pandas as pd
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """The experiment `name`, restored when deleted, created (artifacts beside a local store) when missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    root = local_artifact_root(uri)
+    return client.create_experiment(name, artifact_location=root.resolve().as_uri() if root else None)
 
-        limit = (self._attrs.get("spec") or {}).get("max_accuracy_drop")
-        table = pd.DataFrame(front_table(records, pareto_numbers, finite_metric(limit)))
-        # MLflow's own log_table appends to an existing table: a resumed study's front would hold old rows too.
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / FRONT_TABLE
-            table.to_json(path, orient="split", index=False)
-            self.client.log_artifact(self.parent_run_id, str(path))
-        logged = json.loads(self.client.get_run(self.parent_run_id).data.tags.get(LOGGED_ARTIFACTS_TAG) or "[]")
-        entry = {"path": FRONT_TABLE, "type": "table"}
-        if entry not in logged:
-            self.client.set_tag(self.parent_run_id, LOGGED_ARTIFACTS_TAG, json.dumps([*logged, entry]))
-        self._log_front_image(len(self._children.runs))
 
-    def _log_front_image(self, step: int) -> None:
-        from dsm_tune.search.plots import PNG_NAME
-
-        png = self.study_dir / PNG_NAME
-        if not png.is_file():
-            return
-        # One image per step (trials logged): a second end_study of the same study (`sync`) adds none.
-        marker = f"{FRONT_IMAGE_KEY}+step+{step}+"
-        if any(a.path.split("/")[-1].startswith(marker) for a in self.client.list_artifacts(self.parent_run_id,
-                                                                                              "images")):
-            return
-        from PIL import Image
-
-        with Image.open(png) as image:
-            self.client.log_image(self.parent_run_id, image.convert("RGB"), key=FRONT_IMAGE_KEY, step=step)
-
-    def _upload_artifacts(self, study_dir: Path) -> None:
-        if self.parent_run_id is None:
-            return
-        for path in StudyFolder.at(study_dir).artifact_files:
-            if path.is_file():
-                self.client.log_artifact(self.parent_run_id, str(path))
+def _tag_experiment(client: Any, experiment_id: str, study_name: str) -> None:
+    """The experiment kind (so MLflow 3 shows runs, not GenAI traces) and this study's saved front view, on
+    a new experiment and on one reused from earlier studies alike."""
+    key, view = front_view(study_name, int(time.time() * 1000))
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    client.set_experiment_tag(experiment_id, key, view)

@@ -8,23 +8,17 @@ import math
 from typing import Any, Mapping
 
 from dsm_tune.errors import DSMTuneError
-from dsm_tune.search.reference import NOISY_ATTR, DenseReference
+from dsm_tune.evaluation.record import CONFIG, INTERVAL_KEYS, LATE_METRIC_KEYS, METRIC_KEYS, TAG_KEYS
+from dsm_tune.search.reference import DenseReference
 
-# The 95% paired interval of the search drop, set per trial by the evaluator (absent on older studies).
-INTERVAL_KEYS = ("accuracy_drop_ci_low", "accuracy_drop_ci_high")
-# The confirmation figures: the driver sets them on front candidates after the study ends, i.e. after their
-# child runs were logged, so `end_study` brings them to children that exist already (`runs.ChildRuns.log`).
-# Unlike the search figures (a child keeps those of its time), a later value of these replaces the logged one.
-LATE_METRIC_KEYS = ("confirmed_drop", "confirmed_drop_ci_low", "confirmed_drop_ci_high", "confirmed_num_images")
-# Trial attrs logged as child-run metrics (names as in the trials frame, so the two compare 1:1). latency_ms and
-# baseline_latency_ms are under the study's dense reference when the record was built (`trial_record`): a child
-# logged earlier keeps the figures of its time, the raw medians (*_measured_ms) never change.
-METRIC_KEYS = ("metric_value", "accuracy_drop", "latency_ms", "latency_iqr_ms", "baseline_latency_ms",
-               "baseline_latency_iqr_ms", "latency_measured_ms", "baseline_measured_ms", "speedup", "speedup_iqr",
-               "flops_ratio", "tokens_kept", "num_images", "eval_seconds", "compile_s", "constraint",
-               *INTERVAL_KEYS, *LATE_METRIC_KEYS)
-# Trial attrs logged as child-run tags (strings a UI filter can match).
-TAG_KEYS = ("metric", "worker", "fail_reason", "seed_kind", "aborted", NOISY_ATTR)
+# What a child run logs is `record.METRIC_KEYS` / `record.TAG_KEYS`: latency_ms and baseline_latency_ms are under
+# the study's dense reference when the record was built (`trial_record`), so a child logged earlier keeps the
+# figures of its time; the raw medians (*_measured_ms) never change. The confirmation figures
+# (`record.LATE_METRIC_KEYS`) are set after the children were logged: `end_study` brings them to children that
+# exist already (`runs.ChildRuns.log`), a later value replacing the logged one.
+__all__ = ["INTERVAL_KEYS", "LATE_METRIC_KEYS", "METRIC_KEYS", "TAG_KEYS", "TrackingError", "finite_metric",
+           "mlflow_payload", "tag_value", "trial_record"]
+
 TRIAL_TAG = "trial_number"
 MAX_TAG_LENGTH = 5000
 
@@ -90,7 +84,7 @@ def mlflow_payload(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _params(record: Mapping[str, Any]) -> dict[str, str]:
-    config = record.get("config")
+    config = record.get(CONFIG)
     if config is not None:
         from dsm_tune.merging import DSMConfig
 

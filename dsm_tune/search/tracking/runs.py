@@ -10,7 +10,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from dsm_tune.search.tracking.records import INTERVAL_KEYS, LATE_METRIC_KEYS, TRIAL_TAG, finite_metric
+from dsm_tune.evaluation.record import (
+    ACCURACY_DROP, BASELINE_LATENCY_MS, CONFIG, CONFIRMED_DROP, DATA_FINGERPRINT, FLOPS_RATIO, INTERVAL_KEYS,
+    LATE_METRIC_KEYS, LATENCY_MS, SEED_KIND, SPEEDUP,
+)
+from dsm_tune.search.text import describe_config
+from dsm_tune.search.tracking.records import TRIAL_TAG, finite_metric
 
 ROLE_TAG, STUDY_TAG, PARETO_TAG = "dsm_tune.role", "dsm_tune.study", "pareto"
 PARENT_TAG = "mlflow.parentRunId"
@@ -28,10 +33,10 @@ FRONT_TABLE = "pareto_front.json"
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"   # what makes the artifact view render a JSON file as a table
 FRONT_IMAGE_KEY = "pareto_front"
 # The front table's columns, in this order; the interval and confirmation ones only where a front trial has them.
-FRONT_FIGURES = ("speedup", "latency_ms", "accuracy_drop", *INTERVAL_KEYS, *LATE_METRIC_KEYS)
+FRONT_FIGURES = (SPEEDUP, LATENCY_MS, ACCURACY_DROP, *INTERVAL_KEYS, *LATE_METRIC_KEYS)
 CONFIG_COLUMNS = ("start_layer", "hierarchy_depth", "num_stages", "proportional_attention")
 # best.json figures the parent gets as best_<key> metrics (the interval and confirmation ones when present).
-BEST_FIGURES = ("accuracy_drop", "latency_ms", "speedup", "flops_ratio", *INTERVAL_KEYS, *LATE_METRIC_KEYS)
+BEST_FIGURES = (ACCURACY_DROP, LATENCY_MS, SPEEDUP, FLOPS_RATIO, *INTERVAL_KEYS, *LATE_METRIC_KEYS)
 # Scatter charts show the first N runs of the table; a study rarely has more trials than this.
 VIEW_RUNS_SHOWN = 500
 
@@ -53,7 +58,7 @@ def parent_tags(study_name: str, study_dir: Path, attrs: Mapping[str, Any], mode
         # artifact), the model's own data, the metric its data allows.
         "search_space": spec.get("space") or "default (artifact space.yaml)",
         "sampler": spec.get("sampler"), "data": spec.get("data") or "model default",
-        "data_fingerprint": attrs.get("data_fingerprint"),
+        "data_fingerprint": attrs.get(DATA_FINGERPRINT),
         "metric": spec.get("metric") or (attrs.get("baseline") or {}).get("metric"),
         "max_accuracy_drop": limit, "study_dir": str(Path(study_dir).resolve()), "mlflow.note.content": note,
         # `run --probe`: what the probe narrowed (the details are in the spec.json artifact).
@@ -99,7 +104,7 @@ def closing_figures(best_path: Path, pareto_numbers: list[int], n_trials: int) -
     if isinstance(rule, str) and rule:
         tags["best_selection"] = rule
     # The study's dense reference (best.json's latency_ms is it over best_speedup).
-    reference = finite_metric(figures.get("baseline_latency_ms"))
+    reference = finite_metric(figures.get(BASELINE_LATENCY_MS))
     if reference is not None:
         metrics["dense_reference_ms"] = reference
     trial = (best.get("provenance") or {}).get("trial")
@@ -130,22 +135,22 @@ def front_view(study_name: str, now_ms: int) -> tuple[str, str]:
     def scatter(uuid: str, title: str, y: str) -> dict[str, Any]:
         return {"uuid": uuid, "type": "SCATTER", "displayName": title, "metricSectionId": section,
                 "runsCountToCompare": VIEW_RUNS_SHOWN, "deleted": False, "isGenerated": False,
-                "xaxis": {"key": "latency_ms", "type": "METRIC"}, "yaxis": {"key": y, "type": "METRIC"}}
+                "xaxis": {"key": LATENCY_MS, "type": "METRIC"}, "yaxis": {"key": y, "type": "METRIC"}}
 
-    columns = ([f"metrics.`{k}`" for k in ("accuracy_drop", "latency_ms", "speedup", *INTERVAL_KEYS,
-                                           "confirmed_drop")]
-               + [f"tags.`{k}`" for k in (PARETO_TAG, "seed_kind")]
+    columns = ([f"metrics.`{k}`" for k in (ACCURACY_DROP, LATENCY_MS, SPEEDUP, *INTERVAL_KEYS,
+                                           CONFIRMED_DROP)]
+               + [f"tags.`{k}`" for k in (PARETO_TAG, SEED_KIND)]
                + [f"params.`{k}`" for k in CONFIG_COLUMNS[:3]])
     state = {
-        "searchFilter": filter_string, "orderByKey": "metrics.`latency_ms`", "orderByAsc": True,
+        "searchFilter": filter_string, "orderByKey": f"metrics.`{LATENCY_MS}`", "orderByAsc": True,
         "startTime": "ALL", "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
         "selectedColumns": columns, "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True,
         "compareRunSections": [{"uuid": section, "name": "Accuracy drop vs latency (front: lower left; "
                                                           "tags.pareto = 'true' marks it)",
                                 "display": True, "isReordered": False}],
-        "compareRunCharts": [scatter("dsm-tune-drop-vs-latency", "accuracy_drop vs latency_ms", "accuracy_drop"),
+        "compareRunCharts": [scatter("dsm-tune-drop-vs-latency", "accuracy_drop vs latency_ms", ACCURACY_DROP),
                              scatter("dsm-tune-confirmed-vs-latency", "confirmed_drop vs latency_ms",
-                                     "confirmed_drop")],
+                                     CONFIRMED_DROP)],
         "isAccordionReordered": False, "useGroupedValuesInCharts": True, "chartsSearchFilter": "",
     }
     envelope = {"name": f"dsm-tune front: {study_name}", "createdAt": now_ms, "updatedAt": now_ms,
@@ -168,22 +173,20 @@ def front_table(records: Iterable[Mapping[str, Any]], pareto_numbers: Iterable[i
                 max_drop: float | None) -> dict[str, list[Any]]:
     """The Pareto-optimal trials as columns (cheapest first): trial, figures, intervals and confirmation where any
     front trial has them, `within_limit` when the study has a limit, and the config summary."""
-    from dsm_tune.search.render import describe_config
-
     front = set(int(n) for n in pareto_numbers)
     rows = [r for r in records if int(r["number"]) in front]
-    rows.sort(key=lambda r: (finite_metric(r.get("latency_ms")) or float("inf"), int(r["number"])))
+    rows.sort(key=lambda r: (finite_metric(r.get(LATENCY_MS)) or float("inf"), int(r["number"])))
     table: dict[str, list[Any]] = {"trial": [int(r["number"]) for r in rows]}
     for key in FRONT_FIGURES:
         values = [finite_metric(r.get(key)) for r in rows]
-        if key in ("speedup", "latency_ms", "accuracy_drop") or any(v is not None for v in values):
+        if key in (SPEEDUP, LATENCY_MS, ACCURACY_DROP) or any(v is not None for v in values):
             table[key] = values
     if max_drop is not None:
-        table["within_limit"] = [d is not None and d <= max_drop for d in table["accuracy_drop"]]
-    merges = [_merge_part(r.get("config")) for r in rows]
+        table["within_limit"] = [d is not None and d <= max_drop for d in table[ACCURACY_DROP]]
+    merges = [_merge_part(r.get(CONFIG)) for r in rows]
     for key in CONFIG_COLUMNS:
         table[key] = [m.get(key) for m in merges]
-    table["config"] = [describe_config(m) if m else "" for m in merges]
+    table[CONFIG] = [describe_config(m) if m else "" for m in merges]
     return table
 
 

@@ -3,6 +3,8 @@ screening, timing decisions, and replay of a study in the middle of a traced sha
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import random
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from dsm_tune.evaluation.metrics import AccuracyEvaluator, AccuracyResult
+from dsm_tune.evaluation.policy import TimingPolicy
 from dsm_tune.evaluation.trial import timing_skip_reason
 from dsm_tune.merging import DSMConfig, ModelFingerprint, Stage, block_plan
 from dsm_tune.search.strategies.traced.latency_model import LatencyModel
@@ -203,12 +206,12 @@ def _accuracy(drop: float, aborted: bool = False) -> AccuracyResult:
 
 
 def test_timing_is_skipped_only_when_the_config_cannot_enter_the_front():
-    policy = {"max_drop": 1.0, "front": [(0.4, 1.50)], "predicted_speedup": 1.30, "margin": 0.10}
+    policy = TimingPolicy(max_drop=1.0, front=((0.4, 1.50),), predicted_speedup=1.30, margin=0.10)
     assert "over the limit" in timing_skip_reason(_accuracy(1.2), policy)
     assert "over the limit" in timing_skip_reason(_accuracy(0.5, aborted=True), policy)
     assert "dominated" in timing_skip_reason(_accuracy(0.6), policy)          # 1.43x optimistic < 1.50x
     assert timing_skip_reason(_accuracy(0.3), policy) is None                 # lower drop than the front point
-    assert timing_skip_reason(_accuracy(0.6), {**policy, "predicted_speedup": 1.40}) is None   # could beat it
+    assert timing_skip_reason(_accuracy(0.6), dataclasses.replace(policy, predicted_speedup=1.40)) is None   # could beat it
     assert timing_skip_reason(_accuracy(0.6), None) is None
     # Screened against a faster timed point's lower drop, a partial drop within the limit is not "over the limit":
     # the reason names the bar it cleared.
@@ -334,3 +337,12 @@ def test_a_requeued_dense_trial_is_measured_again_without_blocking_any_shape():
     assert len(numbers) == 1 and study.trials[numbers[0]].state == TrialState.COMPLETE
     tome = [t for t in study.trials if t.user_attrs.get("seed_kind") == "tome"]
     assert len(tome) == 3 and len({t.params["budget"] for t in tome}) == 3
+
+
+def test_timing_policy_for_a_prediction_sets_the_margin_and_the_screen_bar():
+    policy = TimingPolicy.for_prediction(1.0, [(0.4, 1.50), (0.2, 1.20)], 1.30, rel_error=0.02, min_margin=0.10)
+    assert policy.margin == pytest.approx(0.10)                              # 2 * 0.02 is below the floor
+    assert policy.optimistic_speedup() == pytest.approx(1.43)
+    assert policy.screen_drop() == 0.4                                       # only the 1.50x point is as fast
+    assert TimingPolicy(max_drop=1.0).screen_drop() == 1.0
+    assert TimingPolicy.of(policy.to_dict()) == policy

@@ -32,7 +32,7 @@ from dsm_tune.errors import DiskFullError, disk_full_code
 from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.diskspace import MIN_FREE_ENV, check_free_space, write_atomically, write_text_atomically
 from dsm_tune.search.folder import StudyFolder
-from dsm_tune.search.plots import BUNDLE_NAME, HTML_NAME
+from dsm_tune.search.folder import BUNDLE_NAME, HTML_NAME
 from dsm_tune.search.space import SPACES_DIR
 from dsm_tune.search.study import factory as factory_module
 from dsm_tune.search.study.session import StudySession

@@ -13,7 +13,8 @@ import pytest
 from optuna.trial import TrialState
 
 from dsm_tune.merging import ModelFingerprint
-from dsm_tune.search.results import load_study, open_storage, pareto_numbers, trials_frame
+from dsm_tune.search.folder import StudyFolder
+from dsm_tune.search.results import load_study, pareto_numbers, trials_frame
 from dsm_tune.search.space import SPACES_DIR, load_space
 from dsm_tune.search.study import StudyError, StudySpec, run_study
 from dsm_tune.search.testing import StandInFactory
@@ -133,7 +134,7 @@ def test_resume_after_a_kill_adds_only_the_missing_trials(tmp_path):
     first = _run(_spec(tmp_path, trials=6, workers=1))
     before = {t.number: (t.params, t.values, t.state) for t in load_study(first.study_dir).get_trials()}
     # What a killed driver leaves behind: trials asked (params stored) but never told.
-    storage = open_storage(first.study_dir)
+    storage = StudyFolder.at(first.study_dir).open_storage()
     study = optuna.load_study(study_name=first.study_name, storage=storage)
     space = load_space(SAMPLED_DEMO, "demo", DEMO)
     orphans = []

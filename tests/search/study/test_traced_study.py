@@ -12,7 +12,8 @@ import pytest
 from optuna.trial import TrialState
 
 from dsm_tune.merging import ModelFingerprint
-from dsm_tune.search.results import load_study, open_storage
+from dsm_tune.search.folder import StudyFolder
+from dsm_tune.search.results import load_study
 from dsm_tune.search.space import load_space
 from dsm_tune.search.strategies import TracedSpace
 from dsm_tune.search.strategies.traced import SHAPE_ATTR, SPEEDUP_PREDICTED_ATTR, TracedProposer
@@ -76,7 +77,7 @@ def test_resume_continues_a_traced_shape_and_remeasures_the_trial_a_dead_driver_
     tome_key = study.trials[1].user_attrs[SHAPE_ATTR]
     measured = {t.params["budget"] for t in study.trials if t.user_attrs.get(SHAPE_ATTR) == tome_key}
     # What a killed driver leaves: the next proposal asked (parameters stored) but never told.
-    storage = open_storage(first.study_dir)
+    storage = StudyFolder.at(first.study_dir).open_storage()
     live = optuna.load_study(study_name=first.study_name, storage=storage)
     space = load_space(None, "demo", DEMO)
     assert isinstance(space, TracedSpace)

@@ -16,7 +16,8 @@ from dsm_tune.search.plots import write_pareto_plots
 from dsm_tune.search.reference import study_reference
 from dsm_tune.search.results import load_study, pareto_numbers, trials_frame, write_trials_csv
 from dsm_tune.search.select import Rule, freeze_trial, pick_winner
-from dsm_tune.search.tracking import (METRIC_KEYS, PARENT_ATTR, PENDING_NAME, MlflowTracker, NullTracker,
+from dsm_tune.search.folder import PENDING_FILE
+from dsm_tune.search.tracking import (METRIC_KEYS, PARENT_ATTR, MlflowTracker, NullTracker,
                                       TrackingError, resolve_tracking_uri, trial_record)
 from tests.helpers.mlflow_helpers import copy_store, free_port, make_empty_store
 from tests.helpers.synthetic_study import add_measured, create_study, make_config, populate
@@ -187,7 +188,7 @@ def test_dead_server_queues_trials_and_a_resume_logs_them(tmp_path, store_templa
     assert warnings and all(r.exc_info is None and "\n" not in r.getMessage() for r in warnings)
     assert sum("failed while" in r.getMessage() for r in warnings) == 1  # one line per outage, not per trial
     assert "stay queued" in warnings[-1].getMessage()
-    spooled = [json.loads(line) for line in (study_dir / PENDING_NAME).read_text().splitlines()]
+    spooled = [json.loads(line) for line in (study_dir / PENDING_FILE).read_text().splitlines()]
     assert [p["number"] for p in spooled] == [0, 1, 2, 3, 4]
     assert spooled[2]["metrics"]["latency_ms"] == study.trials[2].user_attrs["latency_ms"]
     assert PARENT_ATTR not in study.user_attrs
@@ -196,7 +197,7 @@ def test_dead_server_queues_trials_and_a_resume_logs_them(tmp_path, store_templa
     uri = copy_store(store_template, tmp_path / "store")
     live = MlflowTracker(uri=uri, out=tmp_path)
     parent_id = live.start_study(study_dir, study.user_attrs, resumed=True)
-    assert parent_id is not None and not (study_dir / PENDING_NAME).exists()
+    assert parent_id is not None and not (study_dir / PENDING_FILE).exists()
     client = MlflowClient(tracking_uri=uri)
     _, children = _runs(client)
     assert sorted(int(c.data.tags["trial_number"]) for c in children) == [0, 1, 2, 3, 4]
