@@ -158,11 +158,12 @@ def _resumed_ray_fields(stored, args: argparse.Namespace) -> dict:
 def _apply_probe(spec, args: argparse.Namespace) -> None:
     """`--probe`: a new study starts from its space narrowed by the probe (search/probe_narrow.py); a resumed one
     keeps the space it was started with."""
+    from dsm_tune.evaluation.record import SPEC
     from dsm_tune.search.probe_narrow import ProbeNarrowError, narrow_study_space
 
     folder = spec.folder
     if folder.holds_study():
-        stored = folder.load().user_attrs["spec"]
+        stored = folder.load().user_attrs[SPEC]
         if not stored.get("probe_narrowing"):
             raise ProbeNarrowError(f"study {spec.study!r} was started without --probe and keeps its space; resume it "
                                    "without --probe, or start a new --study")

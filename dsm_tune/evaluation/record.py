@@ -172,17 +172,19 @@ VERSIONS = "versions"
 BASELINE = "baseline"
 DATA_FINGERPRINT = "data_fingerprint"
 ELAPSED_S = "elapsed_s"
+SEEDED = "seeded"                       # the sampled space's seeds were enqueued (once per study)
 CONFIRM_ATTR = "confirmations"          # {"data_fingerprint": ..., "scores": {trial number: {CONFIRMED_FIELDS}}}
 REFERENCE_ATTR = "dense_reference"      # written by the driver after every tell (a record only)
 PARENT_ATTR = "mlflow_parent_run_id"    # the study's MLflow parent run
 
 STUDY_FIELDS: tuple[Field, ...] = (
-    Field(SPEC, DRIVER, None, "the study's settings (study/spec.py)"),
+    Field(SPEC, DRIVER, None, "the study's settings (search/spec.py)"),
     Field(FINGERPRINT, DRIVER, None, "the model fingerprint every trial config refers to"),
     Field(VERSIONS, DRIVER),
     Field(BASELINE, DRIVER, None, "the evaluator's first dense record"),
     Field(DATA_FINGERPRINT, DRIVER),
     Field(ELAPSED_S, DRIVER, None, "wall time spent on the study over all its runs"),
+    Field(SEEDED, DRIVER, None, "the sampled space's seed configs were enqueued"),
     Field(CONFIRM_ATTR, CONFIRMATION),
     Field(REFERENCE_ATTR, DRIVER),
     Field(PARENT_ATTR, DRIVER),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 
+from dsm_tune.evaluation.record import SPEC
 from dsm_tune.errors import DSMTuneError
 
 STORAGE_FILE = "study.db"
@@ -151,7 +152,7 @@ class StudyFolder:
         except Exception as exc:  # sqlite/SQLAlchemy errors of a corrupt or foreign file
             raise StudyError(f"cannot read the study storage {self.storage_file}: {type(exc).__name__}: {exc}") \
                 from None
-        if "spec" not in study.user_attrs:
+        if SPEC not in study.user_attrs:
             raise StudyError(f"{self.storage_file} is an Optuna study but not a dsm-tune study (no 'spec' user "
                              f"attribute)")
         return study

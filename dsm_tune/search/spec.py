@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from dsm_tune.evaluation.record import SPEC
 from dsm_tune.search.folder import StudyError, StudyFolder
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
@@ -177,7 +178,7 @@ def resume_spec(out: Path, study: str, **changes: Any) -> StudySpec:
     folder = StudyFolder(Path(out), study)
     if not folder.storage_file.is_file():
         raise folder.missing_error("give --model (and --device) to start one")
-    stored = {**LEGACY_IDENTITY, **folder.load().user_attrs["spec"]}
+    stored = {**LEGACY_IDENTITY, **folder.load().user_attrs[SPEC]}
     stored.update({k: v for k, v in changes.items() if v is not None})
     stored["out"], stored["study"] = str(out), study
     return StudySpec.from_dict(stored)

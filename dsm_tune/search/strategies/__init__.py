@@ -12,18 +12,21 @@ from __future__ import annotations
 
 from typing import Union
 
+import optuna
+
 from dsm_tune.evaluation.targets import Target, load_target
 from dsm_tune.search.spec import StudySpec
 from dsm_tune.search.strategies.base import (
     FINISHED, Proposal, Proposer, ProposerFactory, SpaceError, min_tokens_violation, plan_key,
 )
+from dsm_tune.search.strategies import sampled
 from dsm_tune.search.strategies.sampled import SampledSpace, SamplerProposer, Seed, make_sampler, replay_attrs
 from dsm_tune.search.strategies.traced import TracedProposer, TracedSpace
 
 Space = Union[SampledSpace, TracedSpace]
 
 __all__ = ["FINISHED", "Proposal", "Proposer", "ProposerFactory", "SampledSpace", "SamplerProposer", "Seed",
-           "Space", "SpaceError", "TracedProposer", "TracedSpace", "default_proposer", "make_sampler",
+           "Space", "SpaceError", "TracedProposer", "TracedSpace", "default_proposer", "enqueue_seeds", "make_sampler",
            "min_tokens_violation", "plan_key", "replay_attrs"]
 
 
@@ -38,3 +41,9 @@ def default_proposer(space: Space, spec: StudySpec, target: Target | None = None
         return TracedProposer(space, spec.max_accuracy_drop, sampler=spec.sampler, seed=spec.seed,
                               device=target.device, batch_size=target.batch_size, workers=spec.workers)
     return SamplerProposer(space)
+
+
+def enqueue_seeds(study: optuna.Study, space: Space) -> int:
+    """The seeds a study measures first, enqueued; how many. A traced space's seeds are shapes, which its proposer
+    traces itself: none are enqueued."""
+    return sampled.enqueue_seeds(study, space) if isinstance(space, SampledSpace) else 0

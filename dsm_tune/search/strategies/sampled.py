@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import optuna
 
+from dsm_tune.evaluation.record import MERGE_FORM, SEED_KIND
 from dsm_tune.merging import DSMConfig, ModelFingerprint, Stage
 from dsm_tune.search.strategies.base import Proposal, SpaceError, min_tokens_violation
 
@@ -44,12 +45,11 @@ class Seed:
 
 # Trial user attr marking a trial enqueued with ToMe's fixed count `stage0_r` (Optuna keeps no public record of
 # which parameters were pinned, and the sampler must never be asked for `stage0_r`).
-R_FORM_ATTR = "merge_form"
 
 
 def replay_attrs(params: Mapping[str, Any]) -> dict[str, Any]:
     """User attrs to enqueue with `params` so that `suggest` maps them back to the same config."""
-    return {R_FORM_ATTR: "r"} if "stage0_r" in params else {}
+    return {MERGE_FORM: "r"} if "stage0_r" in params else {}
 
 
 class _PinnedTrial:
@@ -75,7 +75,7 @@ class _PinnedTrial:
 
 
 def _uses_r_form(trial: Any) -> bool:
-    return (getattr(trial, "user_attrs", None) or {}).get(R_FORM_ATTR) == "r"
+    return (getattr(trial, "user_attrs", None) or {}).get(MERGE_FORM) == "r"
 
 
 
@@ -305,3 +305,12 @@ def make_sampler(name: str, seed: int, workers: int) -> optuna.samplers.BaseSamp
         if name == "gp":
             return optuna.samplers.GPSampler(seed=seed)
         return optuna.samplers.RandomSampler(seed=seed)
+
+
+def enqueue_seeds(study: optuna.Study, space: SampledSpace) -> int:
+    """Enqueue the space's seeds (`SampledSpace.seeds`) in the study, each marked with its kind; how many."""
+    seeds = space.seeds()
+    for seed in seeds:
+        params = space.params_for(seed.config)
+        study.enqueue_trial(params, user_attrs={**replay_attrs(params), SEED_KIND: seed.kind})
+    return len(seeds)

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import optuna
 from optuna.trial import TrialState
 
+from dsm_tune.evaluation.record import DUPLICATE_OF, PLAN_KEY
 from dsm_tune.merging import DSMConfig
 
 SETTLED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -36,11 +37,11 @@ class PlanCache:
         self.inflight: dict[str, Task] = {}                    # plan key -> task asked for a worker
         self.waiting: dict[str, list[Task]] = {}               # plan key -> duplicates waiting for it
         for trial in finished:
-            if trial.state in SETTLED and "duplicate_of" not in trial.user_attrs:
+            if trial.state in SETTLED and DUPLICATE_OF not in trial.user_attrs:
                 self.remember(trial)
 
     def remember(self, trial: optuna.trial.FrozenTrial) -> None:
-        key = trial.user_attrs.get("plan_key")
+        key = trial.user_attrs.get(PLAN_KEY)
         if key:
             self.known.setdefault(key, trial)
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 import optuna
 
+from dsm_tune.evaluation.record import ELAPSED_S
 from dsm_tune.interrupts import sigterm_as_interrupt
 from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.diskspace import check_free_space, holds_no_study, stop_on_full_disk
@@ -170,7 +171,7 @@ def _run_workers(plan: StudyPlan, session: StudySession, factory: Callable[[], E
         session.record_setup(info, fingerprint, plan.space_text)
         session.prepare(space)
         session.start_tracking()
-        elapsed_before = float(session.study.user_attrs.get("elapsed_s") or 0.0)
+        elapsed_before = float(session.study.user_attrs.get(ELAPSED_S) or 0.0)
         loop = Loop(spec, session.study, session.storage, space, proposer_factory(space, spec), pool, progress,
                     elapsed_before, session.trial_told)
         interrupted = _run_loop(loop, progress, session)
@@ -195,7 +196,7 @@ def _run_loop(loop: Loop, progress: Progress, session: StudySession) -> bool:
         return True
     finally:
         progress.close()
-        session.study.set_user_attr("elapsed_s", round(loop.elapsed(), 3))
+        session.study.set_user_attr(ELAPSED_S, round(loop.elapsed(), 3))
 
 
 def _confirmer(plan: StudyPlan, evaluator_factory: Callable[[], Evaluator] | None) -> Callable[[], Any] | None:

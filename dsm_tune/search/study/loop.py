@@ -12,6 +12,7 @@ from typing import Callable
 
 import optuna
 
+from dsm_tune.evaluation.record import ACCURACY_DROP, ACCURACY_DROP_CI_HIGH, ACCURACY_DROP_CI_LOW, CONFIG, CONFIG_KEY, ELAPSED_S, LATENCY_MS, PLAN_KEY, SEED_KIND, SPEEDUP, WORKER
 from dsm_tune.search.folder import StudyError
 from dsm_tune.search.progress import Progress
 from dsm_tune.search.reference import NOISY_ATTR, truthy
@@ -67,7 +68,7 @@ class Loop:
 
     def told(self, frozen: optuna.trial.FrozenTrial) -> None:
         record_progress(self.progress, frozen, self.teller.reference.latency_ms)
-        self.study.set_user_attr("elapsed_s", round(self.elapsed(), 3))
+        self.study.set_user_attr(ELAPSED_S, round(self.elapsed(), 3))
         self.on_told(frozen)
         note = self.proposer.observe(frozen)
         if note:
@@ -84,12 +85,12 @@ class Loop:
         except (SpaceError, ValueError) as exc:   # ConfigError is a ValueError
             self.teller.fail(trial, proposal.invalid or f"no valid config from these parameters: {exc}")
             return None
-        trial.set_user_attr("config", config_attr(cfg))
-        trial.set_user_attr("config_key", cfg.key())
-        trial.set_user_attr("plan_key", key)
+        trial.set_user_attr(CONFIG, config_attr(cfg))
+        trial.set_user_attr(CONFIG_KEY, cfg.key())
+        trial.set_user_attr(PLAN_KEY, key)
         if proposal.seed_kind:
-            trial.set_user_attr("seed_kind", proposal.seed_kind)
-        task = Task(trial, cfg, key, trial.user_attrs.get("seed_kind"), dict(proposal.options))
+            trial.set_user_attr(SEED_KIND, proposal.seed_kind)
+        task = Task(trial, cfg, key, trial.user_attrs.get(SEED_KIND), dict(proposal.options))
         if key in self.killers:
             self.teller.prune(trial, f"not measured: the same plan as trial {self.killers[key]}, whose config ended "
                                      f"the process when evaluated in-process")
@@ -122,7 +123,7 @@ class Loop:
                 break
             self.ready = None
             task.started = time.monotonic()
-            task.trial.set_user_attr("worker", slot.name)
+            task.trial.set_user_attr(WORKER, slot.name)
             self.pool.submit(slot, task.cfg, task, task.options)
         if prefetch and self.pool.pending():
             self._next_task()
@@ -232,9 +233,9 @@ def record_progress(progress: Progress, trial: optuna.trial.FrozenTrial, referen
                     earlier: bool = False) -> None:
     attrs = trial.user_attrs
     progress.reference_ms = reference_ms
-    progress.record(trial.state.name, attrs.get("accuracy_drop"), attrs.get("latency_ms"), attrs.get("speedup"),
+    progress.record(trial.state.name, attrs.get(ACCURACY_DROP), attrs.get(LATENCY_MS), attrs.get(SPEEDUP),
                     trial.number, earlier=earlier, noisy=truthy(attrs.get(NOISY_ATTR)),
-                    drop_interval=(attrs.get("accuracy_drop_ci_low"), attrs.get("accuracy_drop_ci_high")))
+                    drop_interval=(attrs.get(ACCURACY_DROP_CI_LOW), attrs.get(ACCURACY_DROP_CI_HIGH)))
 
 
 def _announce_killers(killers: dict[str, int], progress: Progress) -> dict[str, int]:

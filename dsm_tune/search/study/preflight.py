@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from dsm_tune.evaluation.record import SPEC
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.evaluation.models import resolve_model_name
 from dsm_tune.evaluation.targets import Target, check_device_present, load_target
@@ -46,7 +47,7 @@ def resolve_plan(spec: StudySpec) -> StudyPlan:
     resumed = folder.holds_study()
     stored, notes = None, []
     if resumed:
-        stored = folder.load().user_attrs["spec"]
+        stored = folder.load().user_attrs[SPEC]
         legacy_note = spec.adopt_legacy(stored)
         if legacy_note:
             notes.append(legacy_note)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
 
 import optuna
 
+from dsm_tune.evaluation.record import BASELINE, DATA_FINGERPRINT, ELAPSED_S, FINGERPRINT, SEEDED, SPEC, VERSIONS
 from dsm_tune.errors import DiskFullError, disk_full_code
 from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.diskspace import device_of, write_text_atomically
@@ -17,7 +18,7 @@ from dsm_tune.search.folder import StudyError
 from dsm_tune.search.progress import Progress, format_duration
 from dsm_tune.search.reference import study_reference
 from dsm_tune.search.results import confirmed_scores, json_safe, pareto_numbers
-from dsm_tune.search.strategies import SampledSpace, Space, make_sampler, replay_attrs
+from dsm_tune.search.strategies import Space, enqueue_seeds, make_sampler
 from dsm_tune.search.study.dedup import SETTLED
 from dsm_tune.search.study.outputs import DerivedWrites, LiveOutputs, print_front, write_final_outputs
 from dsm_tune.search.spec import StudySpec, library_versions
@@ -76,16 +77,16 @@ class StudySession:
         self.study = optuna.create_study(storage=self.storage, study_name=spec.study, directions=list(DIRECTIONS),
                                          load_if_exists=True,
                                          sampler=make_sampler(spec.sampler, spec.seed, spec.workers))
-        stored = self.study.user_attrs.get("spec") if self.resumed else None
-        self.study.set_user_attr("spec", {**stored, **spec.budget()} if stored else spec.to_dict())
-        write_text_atomically(self.folder.spec_file, json.dumps(self.study.user_attrs["spec"], indent=2) + "\n")
+        stored = self.study.user_attrs.get(SPEC) if self.resumed else None
+        self.study.set_user_attr(SPEC, {**stored, **spec.budget()} if stored else spec.to_dict())
+        write_text_atomically(self.folder.spec_file, json.dumps(self.study.user_attrs[SPEC], indent=2) + "\n")
 
     def done_count(self) -> int:
         return sum(t.state in SETTLED for t in self.study.get_trials(deepcopy=False))
 
     def budget_spent(self) -> str | None:
         """Why nothing is left to run (the line to show), None while budget is left."""
-        elapsed = float(self.study.user_attrs.get("elapsed_s") or 0.0)
+        elapsed = float(self.study.user_attrs.get(ELAPSED_S) or 0.0)
         if self.done_count() >= self.spec.trials:
             return f"dsm-tune: the budget of {self.spec.trials} trials is already spent; raise --trials to run more"
         if self.spec.timeout is not None and elapsed >= self.spec.timeout:
@@ -95,17 +96,17 @@ class StudySession:
 
     def record_setup(self, info: WorkerInfo, fingerprint: ModelFingerprint, space_text: str) -> None:
         study = self.study
-        stored_fp = study.user_attrs.get("fingerprint")
+        stored_fp = study.user_attrs.get(FINGERPRINT)
         if stored_fp is not None:
             if ModelFingerprint.from_dict(stored_fp) != fingerprint:
                 raise StudyError(f"study {self.spec.study!r} was run on model {stored_fp} but the workers now load "
                                  f"{fingerprint.to_dict()}")
             return
-        study.set_user_attr("fingerprint", fingerprint.to_dict())
-        study.set_user_attr("baseline", json_safe(info.baseline))
-        study.set_user_attr("data_fingerprint", info.data_fingerprint)
-        study.set_user_attr("versions", library_versions())
-        study.set_user_attr("elapsed_s", float(study.user_attrs.get("elapsed_s") or 0.0))
+        study.set_user_attr(FINGERPRINT, fingerprint.to_dict())
+        study.set_user_attr(BASELINE, json_safe(info.baseline))
+        study.set_user_attr(DATA_FINGERPRINT, info.data_fingerprint)
+        study.set_user_attr(VERSIONS, library_versions())
+        study.set_user_attr(ELAPSED_S, float(study.user_attrs.get(ELAPSED_S) or 0.0))
         write_text_atomically(self.folder.space_copy, space_text)
 
     def prepare(self, space: Space) -> None:
@@ -119,15 +120,11 @@ class StudySession:
                                   f"style)")
 
     def _enqueue_seeds(self, space: Space) -> int:
-        if self.study.user_attrs.get("seeded"):
+        if self.study.user_attrs.get(SEEDED):
             return 0
-        # A traced space's seeds are shapes, which its proposer traces itself (strategies/traced/).
-        seeds = space.seeds() if isinstance(space, SampledSpace) else []
-        for seed in seeds:
-            params = space.params_for(seed.config)
-            self.study.enqueue_trial(params, user_attrs={**replay_attrs(params), "seed_kind": seed.kind})
-        self.study.set_user_attr("seeded", True)
-        return len(seeds)
+        seeded = enqueue_seeds(self.study, space)
+        self.study.set_user_attr(SEEDED, True)
+        return seeded
 
     # tracking --------------------------------------------------------------------------------------------------
     def start_tracking(self) -> None:

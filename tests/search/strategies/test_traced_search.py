@@ -21,7 +21,8 @@ from dsm_tune.search.strategies.traced.latency_model import LatencyModel
 from dsm_tune.search.strategies.traced.shapes import TOME_SHAPE, Shape, compile_schedule, tome_budget
 from dsm_tune.search.space import parse_space
 from dsm_tune.search.strategies import SpaceError, TracedSpace
-from dsm_tune.search.strategies.traced import SPEEDUP_PREDICTED_ATTR, TracedProposer
+from dsm_tune.evaluation.record import SPEEDUP_PREDICTED as SPEEDUP_PREDICTED_ATTR
+from dsm_tune.search.strategies.traced import TracedProposer
 from dsm_tune.search.strategies.traced.tracer import BudgetTracer
 
 from tests.evaluation.test_metrics import Lookup, one_hot, toy_data
@@ -317,7 +318,7 @@ def test_full_scoring_only_when_the_config_could_enter_the_front():
     proposer.timed_front = [(0.3, 3.0 * predicted), (0.1, 1.0)]
     options = proposer._options(cfg)
     assert options["screen_drop"] == 0.3
-    assert options["timing"]["front"] == proposer.timed_front
+    assert options["timing"].front == tuple(proposer.timed_front)
 
 
 def test_a_requeued_dense_trial_is_measured_again_without_blocking_any_shape():

@@ -34,6 +34,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from dsm_tune.evaluation.policy import TimingPolicy
+from dsm_tune.evaluation.record import (
+    ACCURACY_DROP, QUEUED_AGAIN, SEED_KIND, SHAPE, SPEEDUP, SPEEDUP_NOISY, SPEEDUP_PREDICTED,
+)
 from dsm_tune.merging import DSMConfig
 from dsm_tune.search.strategies.base import FINISHED, Proposal, plan_key
 from dsm_tune.search.strategies.traced.latency_model import LatencyModel
@@ -41,8 +45,6 @@ from dsm_tune.search.strategies.traced.shapes import BUDGET_PARAM, Shape, mutate
 from dsm_tune.search.strategies.traced.space import TracedSpace
 from dsm_tune.search.strategies.traced.tracer import BudgetTracer, TracePoint, log_drop_slope
 
-SHAPE_ATTR = "shape"                 # trial user attr: the shape's key
-SPEEDUP_PREDICTED_ATTR = "speedup_predicted"
 # Score a shape by its best speedup within each of these shares of the limit: rewards the whole front.
 SCORE_TARGETS = (1.0, 0.5, 0.25)
 # Before any feasible point, a shape's first budget is this share of the space's upper bound.
@@ -102,14 +104,14 @@ class TracedProposer:
         if BUDGET_PARAM not in params:
             return None
         attrs = trial.user_attrs
-        if attrs.get("seed_kind") == DENSE_KIND:
+        if attrs.get(SEED_KIND) == DENSE_KIND:
             self.dense_seen = True
         shape, budget = Shape.from_params(params), float(params[BUDGET_PARAM])
         if trial.state == TrialState.FAIL:
             run = self.runs.get(shape.key())
             if run is not None:
                 run.tracer.pending.discard(budget)
-                if not attrs.get("queued_again"):
+                if not attrs.get(QUEUED_AGAIN):
                     # A config that crashed its worker or raised: the tracer moves below it, as if infeasible.
                     run.tracer.tell(budget, None)
                     return self._finish_if_done(run)
@@ -117,19 +119,19 @@ class TracedProposer:
         if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             return None
         cfg = self.space.compile(shape, budget)
-        speedup = attrs.get("speedup")
+        speedup = attrs.get(SPEEDUP)
         timed = isinstance(speedup, (int, float)) and math.isfinite(speedup) and speedup > 0
         if timed:
             self.latency.add(cfg, float(speedup))
-            drop = attrs.get("accuracy_drop")
+            drop = attrs.get(ACCURACY_DROP)
             # A noisy speedup may not decide what else gets timed: it could be a lucky draw.
-            if isinstance(drop, (int, float)) and drop <= self.max_drop and not attrs.get("speedup_noisy"):
+            if isinstance(drop, (int, float)) and drop <= self.max_drop and not attrs.get(SPEEDUP_NOISY):
                 self.timed_front.append((float(drop), float(speedup)))
-        if attrs.get("seed_kind") == DENSE_KIND:
+        if attrs.get(SEED_KIND) == DENSE_KIND:
             return None
-        kind = attrs.get("seed_kind")
+        kind = attrs.get(SEED_KIND)
         run = self.runs.get(shape.key()) or self._open(shape, kind, "seed" if kind else "replayed")
-        drop = attrs.get("accuracy_drop")
+        drop = attrs.get(ACCURACY_DROP)
         run.tracer.tell(budget, float(drop) if isinstance(drop, (int, float)) else None,
                         float(speedup) if timed else None)
         return self._finish_if_done(run)
@@ -161,7 +163,7 @@ class TracedProposer:
         return self._proposal(study.ask())
 
     def _ask(self, study: optuna.Study, shape: Shape, budget: float, kind: str | None) -> Proposal:
-        attrs: dict[str, Any] = {"seed_kind": kind} if kind else {}
+        attrs: dict[str, Any] = {SEED_KIND: kind} if kind else {}
         study.enqueue_trial(self.space.params_for(shape, round(budget, 4)), user_attrs=attrs)
         return self._proposal(study.ask())
 
@@ -169,24 +171,20 @@ class TracedProposer:
         """Compile an asked trial (its parameters fixed), claim its budget for its shape, predict its speedup."""
         cfg = self.space.suggest(trial)
         shape = Shape.from_params(trial.params)
-        trial.set_user_attr(SHAPE_ATTR, shape.key())
+        trial.set_user_attr(SHAPE, shape.key())
         run = self.runs.get(shape.key())
-        if run is not None and trial.user_attrs.get("seed_kind") != DENSE_KIND:   # dense is no shape's point
+        if run is not None and trial.user_attrs.get(SEED_KIND) != DENSE_KIND:   # dense is no shape's point
             run.tracer.claim(float(trial.params[BUDGET_PARAM]))
         options = self._options(cfg)
-        trial.set_user_attr(SPEEDUP_PREDICTED_ATTR, round(options["timing"]["predicted_speedup"], 4))
-        return Proposal(trial, cfg, options, trial.user_attrs.get("seed_kind"))
+        trial.set_user_attr(SPEEDUP_PREDICTED, round(options["timing"].predicted_speedup, 4))
+        return Proposal(trial, cfg, options, trial.user_attrs.get(SEED_KIND))
 
     def _options(self, cfg: DSMConfig) -> dict[str, Any]:
         prediction = self.latency.predict(cfg)
-        margin = max(2.0 * prediction.rel_error, MIN_TIMING_MARGIN)
-        # Scoring every image only pays when the config could enter the front: screen against the limit, or
-        # against the drop of a timed point that is faster than even an optimistic prediction for this config.
-        optimistic = prediction.speedup * (1.0 + margin)
-        screen = min([self.max_drop] + [drop for drop, speedup in self.timed_front if speedup >= optimistic])
-        return {"screen_drop": screen,
-                "timing": {"max_drop": self.max_drop, "front": list(self.timed_front),
-                           "predicted_speedup": prediction.speedup, "margin": margin}}
+        policy = TimingPolicy.for_prediction(self.max_drop, self.timed_front, prediction.speedup,
+                                             prediction.rel_error, MIN_TIMING_MARGIN)
+        # Scoring every image only pays when the config could enter the front (TimingPolicy.screen_drop).
+        return {"screen_drop": policy.screen_drop(), "timing": policy}
 
     # shapes ------------------------------------------------------------------------------------------------
     def _open(self, shape: Shape, kind: str | None, origin: str) -> _ShapeRun:
@@ -279,4 +277,4 @@ class TracedProposer:
                 "latency_model_points": len(self.latency.points)}
 
 
-__all__ = ["TracedProposer", "SHAPE_ATTR", "SPEEDUP_PREDICTED_ATTR"]
+__all__ = ["TracedProposer"]
