@@ -75,11 +75,8 @@ class Teller:
         self.on_told = on_told
         self.used = used
 
-    def frozen(self, number: int) -> optuna.trial.FrozenTrial:
-        return self.storage.get_trial(self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number))
-
-    def _told(self, number: int) -> optuna.trial.FrozenTrial:
-        frozen = self.frozen(number)
+    def _told(self, frozen: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+        # `study.tell` already gives the trial as stored: reading it again would cost a storage round trip per tell.
         self.on_told(frozen)
         return frozen
 
@@ -104,15 +101,15 @@ class Teller:
             trial.set_user_attr("constraint", constraint)
             trial.set_constraint(CONSTRAINT_NAME, constraint)
         if is_finite_number(drop) and is_finite_number(latency) and not result.get("aborted"):
-            self.study.tell(trial, [float(drop), float(latency)])
+            frozen = self.study.tell(trial, [float(drop), float(latency)])
         else:
             reason = result.get("fail_reason") or (
                 f"aborted early: the accuracy drop could not stay within {ABORT_FACTOR:g}x the limit"
                 if result.get("aborted") else "no accuracy drop/latency measured")
             trial.set_user_attr("fail_reason", reason)
-            self.study.tell(trial, state=TrialState.PRUNED)
+            frozen = self.study.tell(trial, state=TrialState.PRUNED)
         self.used += 1
-        return self._told(trial.number)
+        return self._told(frozen)
 
     def _with_reference(self, result: Mapping[str, Any], duplicate_of: int | None) -> dict[str, Any]:
         """The result's latency figures under the reference updated with its own dense timing (a duplicate's
@@ -132,16 +129,15 @@ class Teller:
     def prune(self, trial: optuna.trial.Trial, reason: str) -> None:
         """Not measured on purpose (the space's hard constraint); counts towards the budget."""
         trial.set_user_attr("fail_reason", reason)
-        self.study.tell(trial, state=TrialState.PRUNED)
+        frozen = self.study.tell(trial, state=TrialState.PRUNED)
         self.used += 1
-        self._told(trial.number)
+        self._told(frozen)
 
     def fail(self, trial: optuna.trial.Trial, reason: str, worker: str | None = None) -> None:
         trial.set_user_attr("fail_reason", reason[:2000])
         if worker is not None:
             trial.set_user_attr("worker", worker)
-        self.study.tell(trial, state=TrialState.FAIL)
-        self._told(trial.number)
+        self._told(self.study.tell(trial, state=TrialState.FAIL))
 
     def requeue(self, task: Task, reason: str) -> None:
         """FAIL the trial (it never finished) and queue its parameters again for the next run."""
