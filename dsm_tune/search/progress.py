@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from dsm_tune.search.results import front_of
+from dsm_tune.search.results import front
 
 
 @dataclass
@@ -52,7 +52,10 @@ class Progress:
     running: int = 0
     feasible: int = 0
     reference_ms: float | None = None     # the study's dense reference (`reference.DenseReference`)
-    _points: list[_Point] = field(default_factory=list)
+    # Kept as points come in, so a trial costs the same late in a study as early: a point off the front stays off
+    # it whatever comes later (dominance is transitive), so the front is all `results.front` needs to see.
+    _front: list[_Point] = field(default_factory=list)
+    _best: _Point | None = None
     _session_done: int = 0
     _session_start: float = field(default_factory=time.monotonic)
     _last_draw: float = 0.0
@@ -78,22 +81,27 @@ class Progress:
             if state == "COMPLETE" and not noisy and speedup is not None and speedup > 0:
                 known = drop_interval is not None and all(
                     v is not None and math.isfinite(v) for v in drop_interval)
-                self._points.append(_Point(number, drop, speedup, tuple(drop_interval) if known else None))
+                self._add_point(_Point(number, drop, speedup, tuple(drop_interval) if known else None))
+
+    def _add_point(self, point: _Point) -> None:
+        if math.isfinite(point.speedup) and (self._best is None or point.speedup > self._best.speedup):
+            self._best = point
+        # 1 / speedup orders the points as reference / speedup (the latency) does, whatever the reference.
+        candidates = [*self._front, point]
+        kept = set(front((1.0 / p.speedup, p.drop, p.number) for p in candidates))
+        self._front = [p for p in candidates if p.number in kept]
 
     @property
     def pareto_size(self) -> int:
-        # 1 / speedup orders the points as reference / speedup (the latency) does, whatever the reference.
-        return len(front_of((1.0 / p.speedup, p.drop, p.number) for p in self._points))
+        return len(self._front)
 
     @property
     def best_speedup(self) -> float | None:
-        speedups = [p.speedup for p in self._points if math.isfinite(p.speedup)]
-        return max(speedups) if speedups else None
+        return self._best.speedup if self._best is not None else None
 
     @property
     def best_point(self) -> _Point | None:
-        finite = [p for p in self._points if math.isfinite(p.speedup)]
-        return max(finite, key=lambda p: p.speedup) if finite else None
+        return self._best
 
     @property
     def best_latency_ms(self) -> float | None:

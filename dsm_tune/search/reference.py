@@ -22,14 +22,13 @@ from typing import Any, Iterable, Mapping
 
 from dsm_tune.evaluation.record import (
     BASELINE, BASELINE_LATENCY_MS, BASELINE_MEASURED_MS, DUPLICATE_OF, LATENCY_MEASURED_MS, LATENCY_MS,
-    REFERENCE_ATTR, SPEEDUP, SPEEDUP_NOISY,
+    REFERENCE_ATTR, SPEEDUP,
 )
 from dsm_tune.search.text import is_finite_number
 
-__all__ = ["REFERENCE_ATTR", "NOISY_ATTR", "MEASURED_STATES", "DenseReference", "finite_positive",
+__all__ = ["REFERENCE_ATTR", "MEASURED_STATES", "DenseReference", "finite_positive",
            "study_reference", "trial_dense_ms", "truthy"]
 
-NOISY_ATTR = SPEEDUP_NOISY                # the driver's loop reads the flag under this name
 MEASURED_STATES = ("COMPLETE", "PRUNED")  # the trials whose dense timing counts
 
 
@@ -94,5 +93,9 @@ def study_reference(study: Any) -> DenseReference:
     """The current dense reference of an Optuna study of dsm-tune (read-only)."""
     timings = [trial_dense_ms(t.user_attrs) for t in study.get_trials(deepcopy=False)
                if t.state.name in MEASURED_STATES]
-    first = (study.user_attrs.get(BASELINE) or {}).get("latency_ms")
-    return DenseReference.of([t for t in timings if t is not None], first)
+    return DenseReference.of([t for t in timings if t is not None], first_dense_ms(study.user_attrs))
+
+
+def first_dense_ms(study_attrs: Mapping[str, Any]) -> float | None:
+    """The evaluator's first dense timing (the study's `baseline` record): the reference before any trial."""
+    return (study_attrs.get(BASELINE) or {}).get("latency_ms")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import optuna
 import pandas as pd
@@ -19,16 +21,20 @@ from dsm_tune.evaluation.record import (
     SPEEDUP_NOISY,
 )
 from dsm_tune.search.folder import STORAGE_FILE, StudyError, StudyFolder
-from dsm_tune.search.reference import DenseReference, study_reference, truthy
+from dsm_tune.search.reference import (
+    MEASURED_STATES, DenseReference, first_dense_ms, study_reference, trial_dense_ms, truthy,
+)
 from dsm_tune.search.text import json_safe
 
 # CONFIRM_ATTR, CONFIRMED_FIELDS, OBJECTIVES and json_safe are read from here by older callers.
 __all__ = ["CONFIRM_ATTR", "CONFIRMED_FIELDS", "OBJECTIVES", "STORAGE_FILE", "StudyError", "load_study",
-           "trials_frame", "write_trials_csv", "pareto_numbers", "front", "front_of", "json_safe", "config_attr"]
+           "trials_frame", "write_trials_csv", "pareto_numbers", "front", "json_safe", "config_attr",
+           "trial_row", "rows_frame", "TrialsTable"]
 
 # Leading columns of trials.csv, in this order; every trial user attr follows under its own name (the preferred
 # ones first: `record.PREFERRED_ATTRS`).
 BASE_COLUMNS = ("number", "state", "values_0", "values_1", "datetime_start", "datetime_complete", "duration_s")
+NUMERIC_COLUMNS = ("values_0", "values_1", "duration_s") + NUMERIC_ATTRS
 
 
 def load_study(study_dir: Path) -> optuna.Study:
@@ -90,13 +96,167 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """
     reference = study_reference(study)
     confirmed = confirmed_scores(study.user_attrs)
-    rows = [_row(t, reference, confirmed) for t in study.get_trials(deepcopy=False)]
-    columns = _ordered_columns([c for row in rows for c in row] + list(BASE_COLUMNS))
+    return rows_frame([trial_row(t, reference, confirmed) for t in study.get_trials(deepcopy=False)])
+
+
+def trial_row(trial: optuna.trial.FrozenTrial, reference: DenseReference,
+              confirmed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """One trial's row of `trials_frame` under `reference` (the study's current one there)."""
+    return _row(trial, reference, confirmed)
+
+
+def rows_frame(rows: list[dict[str, Any]], columns: Iterable[str] = ()) -> pd.DataFrame:
+    """The trials frame of `trial_row` rows, in their order; `columns` adds columns the rows may lack."""
+    columns = _ordered_columns([c for row in rows for c in row] + list(columns) + list(BASE_COLUMNS))
     frame = pd.DataFrame(rows, columns=columns)
-    for name in ("values_0", "values_1", "duration_s") + NUMERIC_ATTRS:
+    for name in NUMERIC_COLUMNS:
         if name in frame:
             frame[name] = pd.to_numeric(frame[name], errors="coerce")
     return frame
+
+
+class TrialsTable:
+    """trials.csv kept by the driver one told trial at a time, without reading the storage again.
+
+    `load` reads the study once; `told` adds (or replaces) a trial's row; `write` appends the rows told since the
+    last write when that gives the very text a whole rewrite would (same columns, same dense reference, each
+    column's type and timestamp precision unchanged), and rewrites the file from the rows kept here otherwise.
+    Appended rows follow in the order they were told; a rewrite orders every row by number, as `trials_frame`.
+
+    The dense reference moves with nearly every measured trial, and every row shows it: a rewrite for each move
+    would cost the whole table per trial again. Rows are appended under the reference the file was last
+    written with (one reference for every row, as always) and the file is rewritten under the current one once
+    `reference_interval_s` has passed since (0: at once; the driver's end rewrites it from the storage anyway).
+    """
+
+    def __init__(self, reference_interval_s: float = 0.0):
+        self.reference_interval_s = reference_interval_s
+        self.trials: dict[int, optuna.trial.FrozenTrial] = {}
+        self.confirmed: dict[int, dict[str, Any]] = {}
+        self.first_ms: Any = None
+        self.timings: dict[int, float] = {}
+        self.reference = DenseReference.of([])
+        self._written_reference: DenseReference | None = None   # None: the file needs a whole rewrite
+        self._rows: dict[int, dict[str, Any]] = {}              # under `_written_reference`
+        self._pending: list[int] = []                           # told since the last write, in order
+        self._columns: list[str] = []
+        self._dtypes: dict[str, Any] = {}
+        self._precision: dict[str, int] = {}
+        self._filled: set[str] = set()                           # columns holding a value
+        self._rewritten = 0.0
+
+    def load(self, study: optuna.Study) -> None:
+        self.first_ms = first_dense_ms(study.user_attrs)
+        self.confirmed = confirmed_scores(study.user_attrs)
+        for trial in study.get_trials(deepcopy=False):
+            self._add(trial)
+        self.reference = DenseReference.of(list(self.timings.values()), self.first_ms)
+        self._written_reference = None
+
+    def told(self, trial: optuna.trial.FrozenTrial) -> None:
+        replaced = trial.number in self.trials
+        self._add(trial)
+        if replaced:
+            self._written_reference = None
+        else:
+            self._pending.append(trial.number)
+
+    def _add(self, trial: optuna.trial.FrozenTrial) -> None:
+        self.trials[trial.number] = trial
+        timing = trial_dense_ms(trial.user_attrs) if trial.state.name in MEASURED_STATES else None
+        if timing is not None:
+            self.timings[trial.number] = timing
+        else:
+            self.timings.pop(trial.number, None)
+        self.reference = DenseReference.of(list(self.timings.values()), self.first_ms)
+
+    def frame(self) -> pd.DataFrame:
+        """What `trials_frame` gives for the trials told (and loaded) so far."""
+        return rows_frame([trial_row(self.trials[n], self.reference, self.confirmed) for n in sorted(self.trials)])
+
+    def write(self, path: Path, replace: Callable[[Path, Callable[[Path], None]], Any]) -> None:
+        """Bring `path` up to date through `replace(path, fill)`, which swaps in whole the temporary file that
+        `fill(temporary)` writes (`diskspace.write_atomically`): a reader never sees half a row. Appending rows
+        copies the file as it is and adds them (bytes, not the table again)."""
+        # Rows show the reference's latency only (not how many timings it is the median of).
+        stale = self._written_reference is not None and \
+            self.reference.latency_ms != self._written_reference.latency_ms and \
+            time.monotonic() - self._rewritten >= self.reference_interval_s
+        if self._written_reference is None or stale or not path.exists():
+            self._rewrite(path, replace)
+            return
+        if not self._pending:
+            return
+        added = self._as_written(rows_frame([self._row_of(n) for n in self._pending], self._columns))
+        if added is None:
+            self._rewrite(path, replace)
+            return
+
+        def fill(temporary: Path) -> None:
+            shutil.copyfile(path, temporary)
+            with open(temporary, "a", newline="") as handle:
+                added.to_csv(handle, index=False, header=False)
+
+        replace(path, fill)
+        self._pending = []
+
+    def _row_of(self, number: int) -> dict[str, Any]:
+        row = trial_row(self.trials[number], self._written_reference, self.confirmed)
+        self._rows[number] = row
+        return row
+
+    def _rewrite(self, path: Path, replace: Callable[[Path, Callable[[Path], None]], Any]) -> None:
+        self._written_reference = None   # until the new file is whole
+        self._rows = {n: trial_row(self.trials[n], self.reference, self.confirmed) for n in sorted(self.trials)}
+        frame = rows_frame(list(self._rows.values()))
+        replace(path, lambda temporary: frame.to_csv(temporary, index=False))
+        self._columns = list(frame.columns)
+        self._dtypes = dict(frame.dtypes)
+        self._precision = {c: _timestamp_precision(frame[c]) for c in self._columns
+                           if pd.api.types.is_datetime64_any_dtype(frame[c])}
+        self._filled = {c for c in self._columns if frame[c].notna().any()}
+        self._written_reference, self._pending, self._rewritten = self.reference, [], time.monotonic()
+
+    def _as_written(self, added: pd.DataFrame) -> pd.DataFrame | None:
+        """`added` with each column in the type the whole table gives it, or None when these rows would change a
+        column's type (and so the text of rows already written): pandas writes a value by its column's type (3 in
+        an integer column, 3.0 in a float one), and timestamps to the finest precision any of them has."""
+        if list(added.columns) != self._columns:
+            return None
+        cast: dict[str, Any] = {}
+        for name in self._columns:
+            column, dtype = added[name], self._dtypes[name]
+            if column.isna().all():
+                # A missing value turns integers into floats and booleans into objects.
+                if pd.api.types.is_integer_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
+                    return None
+            elif pd.api.types.is_float_dtype(dtype):
+                if not (pd.api.types.is_float_dtype(column.dtype) or pd.api.types.is_integer_dtype(column.dtype)):
+                    return None
+            elif dtype == object:
+                if name not in self._filled:   # missing values only so far: the first value sets the type
+                    return None
+            elif column.dtype != dtype:
+                return None
+            elif name in self._precision and _timestamp_precision(column) != self._precision[name]:
+                return None
+            if column.dtype != dtype:
+                cast[name] = dtype
+        self._filled |= {name for name in self._columns if added[name].notna().any()}
+        return added.astype(cast) if cast else added
+
+
+def _timestamp_precision(column: pd.Series) -> int:
+    """The sub-second digits pandas writes for a column of timestamps (0, 3, 6 or 9)."""
+    values = column.dropna()
+    if values.empty:
+        return -1
+    if (values.dt.nanosecond != 0).any():
+        return 9
+    micro = values.dt.microsecond
+    if (micro % 1000 != 0).any():
+        return 6
+    return 3 if (micro != 0).any() else 0
 
 
 def write_trials_csv(study: optuna.Study, path: Path) -> pd.DataFrame:
@@ -147,10 +307,6 @@ def front(points: Iterable[tuple[float, float, int]]) -> list[int]:
                 best_drop = drop
                 last = (latency, drop)
     return numbers
-
-
-# The driver's progress line still calls it by this name.
-front_of = front
 
 
 def config_attr(cfg: Any) -> dict[str, Any]:

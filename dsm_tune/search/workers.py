@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Union
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.merging import DSMConfig, ModelFingerprint
 from dsm_tune.search.ray_session import RAY_LOOPBACK_ENV
-from dsm_tune.search.text import is_finite_number  # noqa: F401 - the driver's teller reads it from here
 
 _RAY_NICENESS_ENV = "RAY_worker_niceness"
 

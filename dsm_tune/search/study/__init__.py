@@ -1,10 +1,10 @@
 """The study driver, `run_study` (`driver.py`): an Optuna multi-objective study (accuracy drop, latency) run by
 ask/tell over Ray workers, or over one evaluator in the driver's own process.
 
-Its parts, one concern each (what to tune and how long is `search/spec.py`'s `StudySpec`): `preflight` (the inputs resolved once), `session`
-(storage, setup attrs, tracker, final outputs), `loop` (ask, dispatch, handle events), `dedup` (the plan cache),
-`tell` (outcomes and the latency objective), `outputs` (trials.csv, plots, best.json), `factory` (the production
-evaluator). Where configs come from is the strategy's (`search/strategies/`).
+Its parts, one concern each: `preflight` (the inputs resolved once), `session` (storage, setup attrs, tracker,
+final outputs), `loop` (ask, dispatch, handle events), `dedup` (the plan cache), `tell` (outcomes and the latency
+objective), `outputs` (trials.csv, plots, best.json), `factory` (the production evaluator). What to tune and for
+how long is `search/spec.py`'s `StudySpec`; where configs come from is the strategy's (`search/strategies/`).
 """
 
 from dsm_tune.search.folder import StudyError

@@ -12,10 +12,13 @@ from typing import Callable
 
 import optuna
 
-from dsm_tune.evaluation.record import ACCURACY_DROP, ACCURACY_DROP_CI_HIGH, ACCURACY_DROP_CI_LOW, CONFIG, CONFIG_KEY, ELAPSED_S, LATENCY_MS, PLAN_KEY, SEED_KIND, SPEEDUP, WORKER
+from dsm_tune.evaluation.record import (
+    ACCURACY_DROP, ACCURACY_DROP_CI_HIGH, ACCURACY_DROP_CI_LOW, CONFIG, CONFIG_KEY, ELAPSED_S, LATENCY_MS, PLAN_KEY,
+    SEED_KIND, SPEEDUP, SPEEDUP_NOISY, WORKER,
+)
 from dsm_tune.search.folder import StudyError
 from dsm_tune.search.progress import Progress
-from dsm_tune.search.reference import NOISY_ATTR, truthy
+from dsm_tune.search.reference import truthy
 from dsm_tune.search.results import config_attr
 from dsm_tune.search.strategies import FINISHED, Proposal, Proposer, Space, SpaceError, plan_key
 from dsm_tune.search.study.dedup import SETTLED, PlanCache, Task
@@ -234,7 +237,7 @@ def record_progress(progress: Progress, trial: optuna.trial.FrozenTrial, referen
     attrs = trial.user_attrs
     progress.reference_ms = reference_ms
     progress.record(trial.state.name, attrs.get(ACCURACY_DROP), attrs.get(LATENCY_MS), attrs.get(SPEEDUP),
-                    trial.number, earlier=earlier, noisy=truthy(attrs.get(NOISY_ATTR)),
+                    trial.number, earlier=earlier, noisy=truthy(attrs.get(SPEEDUP_NOISY)),
                     drop_interval=(attrs.get(ACCURACY_DROP_CI_LOW), attrs.get(ACCURACY_DROP_CI_HIGH)))
 
 

@@ -24,7 +24,7 @@ from dsm_tune.search.progress import Progress
 from dsm_tune.search.render import (
     default_winner, format_trials, latency_model_summary, pareto_front, trial_table,
 )
-from dsm_tune.search.results import pareto_numbers, trials_frame
+from dsm_tune.search.results import TrialsTable, pareto_numbers, trials_frame
 
 ARTIFACT_INTERVAL_S = 120.0
 
@@ -60,7 +60,7 @@ class DerivedWrites:
 
 
 class LiveOutputs:
-    """trials.csv after every trial; plots redrawn and the tracker's artifacts refreshed at most every
+    """trials.csv after every trial (the trials told so far, kept by `results.TrialsTable`); plots redrawn and the tracker's artifacts refreshed at most every
     `interval_s` (None: only at the end), so an overnight study shows its front while it runs."""
 
     def __init__(self, folder: StudyFolder, max_drop: float, tracker: Any,
@@ -68,15 +68,23 @@ class LiveOutputs:
         self.folder, self.max_drop, self.tracker, self.interval_s = folder, max_drop, tracker, interval_s
         self.derived = derived or DerivedWrites()
         self._last_drawn = time.monotonic()
+        # The storage is read once, at the first tell: after that each trial costs its own row, not the study's.
+        self.table: TrialsTable | None = None
 
-    def trial_told(self, study: optuna.Study) -> pd.DataFrame:
-        frame = trials_frame(study)
-        self.derived.attempt(lambda: write_frame_csv(frame, self.folder.trials_csv))
+    def trial_told(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial | None = None) -> None:
+        """After each tell: `frozen` is the trial as told (None: whatever the storage holds now is read again)."""
+        if self.table is None or frozen is None:
+            self.table = TrialsTable(self.interval_s if self.interval_s is not None else ARTIFACT_INTERVAL_S)
+            self.table.load(study)
+        else:
+            self.table.told(frozen)
+        table, path = self.table, self.folder.trials_csv
+        self.derived.attempt(lambda: table.write(path, lambda p, fill: write_atomically(p, fill, p.name)))
         if self.interval_s is not None and time.monotonic() - self._last_drawn >= self.interval_s:
             self._last_drawn = time.monotonic()
+            frame = trials_frame(study)   # every trial, those still running too, as the final plots see them
             if self.derived.attempt(lambda: write_pareto_plots(frame, self.folder.path, self.max_drop)):
                 self.derived.attempt(lambda: self.tracker.refresh_artifacts(self.folder.path))
-        return frame
 
 
 @dataclass

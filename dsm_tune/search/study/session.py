@@ -139,7 +139,7 @@ class StudySession:
             self.study.set_user_attr(PARENT_ATTR, run_id)
 
     def trial_told(self, frozen: optuna.trial.FrozenTrial) -> None:
-        self.outputs.trial_told(self.study)
+        self.outputs.trial_told(self.study, frozen)
         # The tracker queues what MLflow did not take (its spool may find the disk full too): end_study logs
         # every finished trial MLflow lacks, from the storage.
         self.derived.attempt(lambda: self.tracker.log_trial(trial_record(frozen)))

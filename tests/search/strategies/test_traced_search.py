@@ -322,7 +322,8 @@ def test_full_scoring_only_when_the_config_could_enter_the_front():
 
 
 def test_a_requeued_dense_trial_is_measured_again_without_blocking_any_shape():
-    from dsm_tune.search.study.tell import QUEUED_AGAIN_ATTR, enqueue_again
+    from dsm_tune.evaluation.record import QUEUED_AGAIN as QUEUED_AGAIN_ATTR
+    from dsm_tune.search.study.tell import enqueue_again
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = traced_space()
