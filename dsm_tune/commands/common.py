@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULT_OUT = Path("runs")
+from dsm_tune.search.spec import StudySpec
+
+DEFAULT_OUT: Path = StudySpec.default("out")
 
 
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -43,7 +45,7 @@ def add_data_args(parser: argparse.ArgumentParser, metric_flag: bool = True) -> 
 
 def add_study_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--study", required=required, help="study name (a folder under --out)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output root (default: runs/)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output root (default: {DEFAULT_OUT}/)")
 
 
 def add_mlflow_args(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dsm_tune import record as schema
 from dsm_tune.commands.common import add_study_args
 from dsm_tune.errors import DSMTuneError
 
@@ -39,7 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dsm_tune.evaluation import record as schema
     from dsm_tune.merging import load_config
     from dsm_tune.search.results import load_study, trials_frame
     from dsm_tune.search.select import Rule, freeze_trial, pick_winner

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dsm_tune import record as schema
 from dsm_tune.commands.common import add_study_args
 
 
@@ -21,7 +22,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dsm_tune.evaluation import record as schema
     from dsm_tune.search.folder import StudyFolder
     from dsm_tune.search.plots import write_pareto_plots
     from dsm_tune.search.reference import study_reference

@@ -15,18 +15,17 @@ from pathlib import Path
 from dsm_tune.commands.common import (
     DEFAULT_OUT, add_data_args, add_mlflow_args, add_model_args, add_study_args, add_target_args,
 )
+from dsm_tune.search.spec import BUDGET, SAMPLERS, StudySpec
 
-# Defaults sized so `dsm-tune run --model demo --device cpu` ends within a few minutes on two cores.
-DEFAULT_TRIALS = 24
-# One worker per device, and a CPU host is one device: every evaluation on it holds the host's timing lock for the
-# whole trial, so a second CPU worker waits rather than adds throughput (README: "Workers").
-DEFAULT_WORKERS = 1
+_default = StudySpec.default
+
+# The demo's own defaults (every other default is StudySpec's): sized so `dsm-tune run --model demo --device cpu`
+# ends within a few minutes on two cores.
 DEFAULT_DEMO_LIMIT = 400
 # The demo ViT is tiny (width 64): at the cpu profile's batch 8 the matching and gathers cost more than the blocks
 # they shrink (a DSM config that is 1.14x faster at batch 32 is 0.95x at batch 8); batch 32 makes its speedups real
-# and times in half the seconds of batch 64 for the same ratios (benchmarks/demo_speedup.py, figures in the README).
+# and times in half the seconds of batch 64 for the same ratios (benchmarks/demo_speedup.py, docs/benchmarks.md).
 DEFAULT_DEMO_CPU_BATCH = 32
-DEFAULT_MAX_DROP = 1.0
 # `--probe` without a file: probe the study's model here, on its data, before the study starts.
 PROBE_HERE = ""
 
@@ -46,27 +45,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_mlflow_args(parser)
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--trials", type=int, default=None,
-                        help=f"total trial budget, counting earlier runs of the study (default {DEFAULT_TRIALS})")
+                        help=f"total trial budget, counting earlier runs of the study (default {_default('trials')})")
     parser.add_argument("--timeout", type=float, default=None,
                         help="total wall-clock budget in seconds, counting earlier runs of the study")
     parser.add_argument("--workers", type=int, default=None,
-                        help=f"Ray workers, one per device (default {DEFAULT_WORKERS}; CPU workers on one host take "
-                             "turns, so more than one adds little there)")
-    # Checked by StudySpec (importing the study module here would slow every dsm-tune command down).
-    parser.add_argument("--sampler", default=None, metavar="{tpe,nsga2,gp,random}",
-                        help="Optuna sampler (default tpe: TPE with the constant liar, made for parallel workers)")
+                        help=f"Ray workers, one per device (default {_default('workers')}; CPU workers on one host "
+                             "take turns, so more than one adds little there)")
+    # Checked by StudySpec, which names the samplers in its one-line error.
+    parser.add_argument("--sampler", default=None, metavar="{" + ",".join(SAMPLERS) + "}",
+                        help=f"Optuna sampler (default {_default('sampler')}: TPE with the constant liar, made for "
+                             "parallel workers)")
     parser.add_argument("--space", type=Path, default=None,
                         help="search space YAML (default: search_spaces/<family>.yaml chosen by the model name)")
     parser.add_argument("--confirm", type=float, default=None, metavar="FRACTION",
                         help="share of the images the search never sees, kept to confirm the front on when the "
-                             "study ends (default 0.2; 0 turns confirmation off); --limit caps both parts; the "
+                             f"study ends (default {_default('confirm')}; 0 turns confirmation off); --limit caps both parts; the "
                              "exported config is chosen on confirmed drops")
     parser.add_argument("--data-seed", type=int, default=None,
-                        help="which images --limit and --confirm draw (default 0): another seed, another sample")
+                        help=f"which images --limit and --confirm draw (default {_default('data_seed')}): another seed, "
+                             "another sample")
     parser.add_argument("--confirm-data", type=Path, default=None, metavar="DIR",
                         help="confirm the front on this folder instead (then every --data image is searched)")
     parser.add_argument("--max-accuracy-drop", type=float, default=None,
-                        help=f"feasibility limit on the accuracy drop, in points (default {DEFAULT_MAX_DROP})")
+                        help=f"feasibility limit on the accuracy drop, in points (default "
+                             f"{_default('max_accuracy_drop')})")
     parser.add_argument("--ray-address", default=None,
                         help="address of a running Ray cluster (default: start a private local Ray on 127.0.0.1)")
     parser.add_argument("--no-ray", dest="no_ray", action="store_true", default=None,
@@ -76,19 +78,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "again once on resume, failed if it crashes the process again. A resume keeps it")
     parser.add_argument("--ray", dest="no_ray", action="store_false",
                         help="resume a study run with --no-ray on Ray workers again")
-    parser.add_argument("--seed", type=int, default=None, help="sampler seed (default 0)")
+    parser.add_argument("--seed", type=int, default=None, help=f"sampler seed (default {_default('seed')})")
     parser.add_argument("--probe", nargs="?", const=PROBE_HERE, default=None, metavar="PROBE_JSON",
                         help="narrow the start layers (and the first stage's merge amount) around the block where "
                              "attention converges: a probe.json written by `dsm-tune probe`, or no value to probe "
                              "the model here first (up to 64 of the study's images); what was narrowed and why is "
                              "recorded in spec.json, the study and the MLflow parent run. Measured on the demo and a "
-                             "real ViT-S, it restricts the study without saving trials (README)")
+                             "real ViT-S, it restricts the study without saving trials (docs/probe.md)")
     parser.set_defaults(func=main)
 
 
 def build_spec(args: argparse.Namespace):
-    from dsm_tune.search.study import DEFAULT_SAMPLER, StudyError, StudySpec, resume_spec
-    from dsm_tune.search.spec import BUDGET
+    from dsm_tune.search.folder import StudyError
+    from dsm_tune.search.spec import resume_spec
 
     out = Path(args.out) if args.out is not None else DEFAULT_OUT
     # A resume may change the budget and infrastructure fields (`StudySpec` marks them); --no-mlflow sets `mlflow`.
@@ -107,28 +109,25 @@ def build_spec(args: argparse.Namespace):
     from dsm_tune.evaluation.models import is_demo_model
 
     device = args.device
-    workers = args.workers if args.workers is not None else DEFAULT_WORKERS
     limit = args.limit
     if limit is None and args.data is None and is_demo_model(args.model):
         limit = DEFAULT_DEMO_LIMIT
     batch_size = args.batch_size
     if batch_size is None and device == "cpu" and is_demo_model(args.model):
         batch_size = DEFAULT_DEMO_CPU_BATCH
-    spec = StudySpec(
+    given = dict(
         model=args.model, target=device, batch_size=batch_size, dtype=args.dtype, compile=args.compile,
         data=args.data, limit=limit, metric=args.metric,
         checkpoint=str(args.checkpoint) if args.checkpoint is not None else None, pretrained=args.pretrained,
-        max_accuracy_drop=args.max_accuracy_drop if args.max_accuracy_drop is not None else DEFAULT_MAX_DROP,
-        trials=args.trials if args.trials is not None else DEFAULT_TRIALS, timeout=args.timeout,
-        sampler=args.sampler or DEFAULT_SAMPLER, space=str(args.space) if args.space is not None else None,
-        seed=args.seed if args.seed is not None else 0, workers=workers, out=out, study=args.study,
-        ray_address=args.ray_address, mlflow_uri=args.mlflow_uri, mlflow=not args.no_mlflow,
-        no_ray=bool(args.no_ray),
-        confirm_data=str(args.confirm_data) if args.confirm_data is not None else None,
-        data_seed=args.data_seed if args.data_seed is not None else 0,
+        max_accuracy_drop=args.max_accuracy_drop, trials=args.trials, timeout=args.timeout, sampler=args.sampler,
+        space=str(args.space) if args.space is not None else None, seed=args.seed, workers=args.workers, out=out,
+        study=args.study, ray_address=args.ray_address, mlflow_uri=args.mlflow_uri, mlflow=not args.no_mlflow,
+        no_ray=bool(args.no_ray), confirm_data=str(args.confirm_data) if args.confirm_data is not None else None,
+        data_seed=args.data_seed,
         # A separate confirmation folder holds nothing out of --data; otherwise StudySpec's default share.
-        **({"confirm": args.confirm} if args.confirm is not None else
-           {"confirm": 0.0} if args.confirm_data is not None else {}))
+        confirm=args.confirm if args.confirm is not None else 0.0 if args.confirm_data is not None else None)
+    # What the user did not give is StudySpec's default.
+    spec = StudySpec(**{name: value for name, value in given.items() if value is not None})
     if args.probe is not None:
         _apply_probe(spec, args)
     return spec
@@ -141,7 +140,7 @@ RAY_FIELDS = ("workers", "ray_address")
 def _resumed_ray_fields(stored, args: argparse.Namespace) -> dict:
     """--no-ray / --ray, --workers and --ray-address on a resume. --no-ray sticks to a study until --ray: a study
     run without Ray (whose host may have none) never starts it unasked."""
-    from dsm_tune.search.study import StudyError
+    from dsm_tune.search.folder import StudyError
 
     given = {name: getattr(args, name) for name in RAY_FIELDS if getattr(args, name) is not None}
     if args.no_ray:   # StudySpec refuses --workers N>1 and --ray-address with it, as for a new study
@@ -158,7 +157,7 @@ def _resumed_ray_fields(stored, args: argparse.Namespace) -> dict:
 def _apply_probe(spec, args: argparse.Namespace) -> None:
     """`--probe`: a new study starts from its space narrowed by the probe (search/probe_narrow.py); a resumed one
     keeps the space it was started with."""
-    from dsm_tune.evaluation.record import SPEC
+    from dsm_tune.record import SPEC
     from dsm_tune.search.probe_narrow import ProbeNarrowError, narrow_study_space
 
     folder = spec.folder

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Mapping
 
+from dsm_tune import record as schema
 from dsm_tune.commands.common import add_data_args, add_target_args
 from dsm_tune.errors import DSMTuneError
 
@@ -54,9 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _shown_figures() -> tuple[str, ...]:
-    """Shown beside the checked figures, not checked (imported when run: building the parser imports nothing)."""
-    from dsm_tune.evaluation import record as schema
-
+    """Shown beside the checked figures, not checked."""
     return schema.LATENCY_MS, schema.BASELINE_LATENCY_MS, schema.FLOPS_RATIO, schema.TOKENS_KEPT
 
 
@@ -73,7 +72,6 @@ def _recorded(metrics: Mapping[str, Any], key: str, file: Path) -> float:
 def recorded_figures(cfg, file: Path) -> dict[str, Any]:
     """The figures a frozen config carries: accuracy drop and speedup (required), latency, dense latency (the
     study's dense reference: latency_ms = baseline_latency_ms / speedup), FLOPs ratio, tokens kept."""
-    from dsm_tune.evaluation import record as schema
 
     metrics = dict(cfg.metrics or {})
     recorded = {key: _recorded(metrics, key, file) for key in (schema.ACCURACY_DROP, schema.SPEEDUP)}
@@ -91,7 +89,7 @@ def _check_tolerances(args: argparse.Namespace) -> None:
 def compare(recorded: Mapping[str, Any], measured: Mapping[str, Any], speedup_tolerance: float,
             drop_tolerance: float) -> list[dict[str, Any]]:
     """One row per figure: recorded, measured, the bound it must meet (None: shown only) and whether it does."""
-    from dsm_tune.evaluation.record import ACCURACY_DROP, SPEEDUP
+    from dsm_tune.record import ACCURACY_DROP, SPEEDUP
 
     drop_bound = recorded[ACCURACY_DROP] + drop_tolerance
     speedup_bound = recorded[SPEEDUP] * (1 - speedup_tolerance)
@@ -111,7 +109,7 @@ def compare(recorded: Mapping[str, Any], measured: Mapping[str, Any], speedup_to
 def interval_row(measured: Mapping[str, Any], limit: Any, deciding: bool) -> dict[str, Any]:
     """The re-measured drop's 95% interval against the limit the config was chosen under: it fails (when
     `deciding`) only if the whole interval lies above the limit, i.e. the drop is over it with 97.5% confidence."""
-    from dsm_tune.evaluation.record import INTERVAL_KEYS
+    from dsm_tune.record import INTERVAL_KEYS
     from dsm_tune.search.text import interval_text, is_finite_number
 
     low, high = (measured.get(key) for key in INTERVAL_KEYS)
@@ -128,7 +126,9 @@ def study_images(provenance: Mapping[str, Any]) -> dict[str, Any]:
     """How the study drew its search images from its --data, so re-measuring there scores those very images: the
     order, its seed and the share held out for confirmation (a file from before these existed: its class-prefix
     order, nothing held out)."""
-    holdout = 0.0 if provenance.get("confirm_data") else float(provenance.get("confirm") or 0.0)
+    from dsm_tune.evaluation.data import search_holdout
+
+    holdout = search_holdout(provenance.get("confirm"), provenance.get("confirm_data"))
     return {"order": provenance.get("data_order") or "class-prefix", "seed": int(provenance.get("data_seed") or 0),
             "holdout": holdout}
 

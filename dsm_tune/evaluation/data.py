@@ -200,6 +200,12 @@ def split_positions(count: int, holdout: float) -> np.ndarray:
     return np.floor((positions + 1) * holdout) > np.floor(positions * holdout)
 
 
+def search_holdout(confirm: float | None, confirm_data: str | None) -> float:
+    """The share of `--data` held out of the search: `--confirm`'s, unless a `--confirm-data` folder of its own
+    confirms the front, which leaves every `--data` image to the search."""
+    return 0.0 if confirm_data else float(confirm or 0.0)
+
+
 def holdout_mask(labels: np.ndarray, holdout: float, seed: int) -> np.ndarray:
     """Which images are held out of the search: a `holdout` share of every class (its images in seeded random
     order), the remainders spread over the classes, so a one-image-per-class folder holds out a random share of

@@ -21,7 +21,7 @@ from dsm_tune.evaluation.data import DEFAULT_ORDER, EvalData, cache_root, defaul
 from dsm_tune.evaluation.latency import LatencyResult, measure_latency
 from dsm_tune.evaluation.metrics import AccuracyEvaluator, AccuracyResult
 from dsm_tune.evaluation.policy import TimingPolicy
-from dsm_tune.evaluation import record as schema
+from dsm_tune import record as schema
 from dsm_tune.evaluation.models import build_model, input_size, resolve_model_name
 from dsm_tune.evaluation.targets import DTYPES as DTYPES_BY_NAME
 from dsm_tune.evaluation.targets import Target, load_target

@@ -17,9 +17,9 @@ from typing import Any, Callable, Mapping, Protocol
 
 import pandas as pd
 
+from dsm_tune import record as schema
 from dsm_tune.errors import DSMTuneError
-from dsm_tune.evaluation import record as schema
-from dsm_tune.evaluation.record import CONFIRM_ATTR, DUPLICATE_OF, TOKENS_KEPT
+from dsm_tune.record import CONFIRM_ATTR, DUPLICATE_OF, TOKENS_KEPT
 from dsm_tune.merging import DSMConfig
 from dsm_tune.search.results import pareto_numbers, trials_frame
 from dsm_tune.search.text import is_finite_number, json_safe
@@ -95,6 +95,7 @@ def scorer_factory_for(spec: Mapping[str, Any], cache_dir: str | None,
     def build() -> Scorer:
         import dataclasses
 
+        from dsm_tune.evaluation.data import search_holdout
         from dsm_tune.evaluation.targets import check_device_present, load_target
         from dsm_tune.evaluation.trial import HeldOutScorer
 
@@ -112,7 +113,7 @@ def scorer_factory_for(spec: Mapping[str, Any], cache_dir: str | None,
                                limit=spec.get("limit"), checkpoint=spec.get("checkpoint"), cache_dir=cache_dir,
                                pretrained=bool(spec.get("pretrained")), order=spec.get("data_order") or "balanced",
                                seed=int(spec.get("data_seed") or 0),
-                               holdout=float(spec.get("confirm") or 0.0) if confirm_data is None else 0.0,
+                               holdout=search_holdout(spec.get("confirm"), confirm_data),
                                confirm_data=confirm_data)
         return scorer
     return build

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import optuna
-
-from dsm_tune.evaluation.record import SPEC
+from dsm_tune.record import SPEC
 from dsm_tune.errors import DSMTuneError
+
+if TYPE_CHECKING:   # optuna is the tuner's: the CLI names study files without it (a runtime-only install)
+    import optuna
 
 STORAGE_FILE = "study.db"
 PENDING_FILE = "mlflow_pending.jsonl"
@@ -105,12 +107,16 @@ class StudyFolder:
             connection.execute("PRAGMA synchronous=NORMAL")
             return connection
 
+        import optuna
+
         return optuna.storages.RDBStorage(self.storage_url, engine_kwargs={"creator": connect})
 
     def holds_study(self) -> bool:
         """Whether the storage holds this study (never creates an empty storage just by looking)."""
         if not self.storage_file.is_file():
             return False
+        import optuna
+
         storage = optuna.storages.RDBStorage(self.storage_url)
         try:
             return self.name in {s.study_name for s in storage.get_all_studies()}
@@ -142,6 +148,8 @@ class StudyFolder:
         """The existing dsm-tune study, read-mostly."""
         if not self.storage_file.is_file():
             raise self.missing_error("run `dsm-tune run` first, or check --out")
+        import optuna
+
         try:
             study = optuna.load_study(study_name=self.name, storage=self.storage_url)
         except KeyError:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dsm_tune.evaluation import record as schema
+from dsm_tune import record as schema
 from dsm_tune.search.diskspace import write_atomically, write_text_atomically
 from dsm_tune.search.folder import BUNDLE_NAME, HTML_NAME, PNG_NAME
 from dsm_tune.search.render import default_winner, pareto_front, trial_table

@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from dsm_tune.evaluation.record import (
+from dsm_tune.record import (
     BASELINE, BASELINE_LATENCY_MS, BASELINE_MEASURED_MS, DUPLICATE_OF, LATENCY_MEASURED_MS, LATENCY_MS,
     REFERENCE_ATTR, SPEEDUP,
 )

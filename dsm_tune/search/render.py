@@ -10,7 +10,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from dsm_tune.evaluation import record as schema
+from dsm_tune import record as schema
 from dsm_tune.search.results import pareto_numbers
 from dsm_tune.search.select import NoWinnerError, Rule, SelectionError, frame_column, measured_trials, \
     numeric_column, pick_winner

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Mapping
 import optuna
 import pandas as pd
 
-from dsm_tune.evaluation.record import (
+from dsm_tune.record import (
     ACCURACY_DROP, CONFIRM_ATTR, CONFIRMED_FIELDS, LATENCY_MS, NUMERIC_ATTRS, OBJECTIVES, PREFERRED_ATTRS,
     SPEEDUP_NOISY,
 )

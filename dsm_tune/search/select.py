@@ -16,8 +16,8 @@ from typing import Any, Mapping
 import pandas as pd
 
 from dsm_tune.errors import DSMTuneError
-from dsm_tune.evaluation import record as schema
-from dsm_tune.evaluation.record import (
+from dsm_tune import record as schema
+from dsm_tune.record import (
     ABORTED, ACCURACY_DROP, BASELINE_LATENCY_MS, CONFIRMED_DROP, CONFIRMED_DROP_CI_HIGH, CONFIRMED_FIELDS,
     FROZEN_METRIC_KEYS, LATENCY_MS, SPEEDUP, SPEEDUP_NOISY,
 )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from dsm_tune.evaluation.record import SPEC
+from dsm_tune.record import SPEC
 from dsm_tune.search.folder import StudyError, StudyFolder
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
@@ -68,7 +68,7 @@ class StudySpec:
     space: str | None = None
     seed: int = _budget(0)
     workers: int = _budget(1)
-    out: Path = Path("runs")
+    out: Path = Path("runs")          # every command's --out default (commands/common.py)
     study: str | None = None
     ray_address: str | None = _budget(None)
     # `run --no-ray`: one evaluator in the driver's own process, for a host without Ray (budget: a study may be
@@ -118,6 +118,12 @@ class StudySpec:
             raise StudyError(f"unknown data order {self.data_order!r}")
         if self.limit is not None and self.limit < 1:
             raise StudyError(f"--limit must be a positive number of images, got {self.limit!r}")
+
+    @staticmethod
+    def default(name: str) -> Any:
+        """A field's default: the CLI shows and applies these, it does not repeat them."""
+        field_ = StudySpec.__dataclass_fields__[name]
+        return field_.default
 
     @staticmethod
     def fields_of(role: str) -> tuple[str, ...]:

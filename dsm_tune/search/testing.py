@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsm_tune.evaluation import record as schema
+from dsm_tune import record as schema
 from dsm_tune.evaluation.policy import TimingPolicy
 from dsm_tune.merging import DSMConfig, ModelFingerprint, block_plan
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import optuna
 
-from dsm_tune.evaluation.record import MERGE_FORM, SEED_KIND
+from dsm_tune.record import MERGE_FORM, SEED_KIND
 from dsm_tune.merging import DSMConfig, ModelFingerprint, Stage
 from dsm_tune.search.strategies.base import Proposal, SpaceError, min_tokens_violation
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import optuna
 from optuna.trial import TrialState
 
-from dsm_tune.evaluation.record import DUPLICATE_OF, PLAN_KEY
+from dsm_tune.record import DUPLICATE_OF, PLAN_KEY
 from dsm_tune.merging import DSMConfig
 
 SETTLED = (TrialState.COMPLETE, TrialState.PRUNED)

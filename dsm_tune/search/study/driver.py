@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 import optuna
 
-from dsm_tune.evaluation.record import ELAPSED_S
+from dsm_tune.record import ELAPSED_S
 from dsm_tune.interrupts import sigterm_as_interrupt
 from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.diskspace import check_free_space, holds_no_study, stop_on_full_disk

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsm_tune.evaluation.data import search_holdout
 from dsm_tune.search.spec import StudySpec
 from dsm_tune.search.study.tell import ABORT_FACTOR
 
@@ -42,8 +43,7 @@ class DefaultEvaluatorFactory:
                    max_drop=ABORT_FACTOR * spec.max_accuracy_drop if spec.max_accuracy_drop > 0 else None,
                    # The dense-output cache is on the driver's disk: only local workers can share it.
                    cache_dir=str((spec.out / "cache").resolve()) if local else None,
-                   # A separate confirmation folder leaves every image of --data to the search.
-                   holdout=spec.confirm if spec.confirm_data is None else 0.0, order=spec.data_order,
+                   holdout=search_holdout(spec.confirm, spec.confirm_data), order=spec.data_order,
                    data_seed=spec.data_seed)
 
     def __call__(self) -> Any:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import optuna
 
-from dsm_tune.evaluation.record import (
+from dsm_tune.record import (
     ACCURACY_DROP, ACCURACY_DROP_CI_HIGH, ACCURACY_DROP_CI_LOW, CONFIG, CONFIG_KEY, ELAPSED_S, LATENCY_MS, PLAN_KEY,
     SEED_KIND, SPEEDUP, SPEEDUP_NOISY, WORKER,
 )

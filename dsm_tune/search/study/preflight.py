@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from dsm_tune.evaluation.record import SPEC
+from dsm_tune.record import SPEC
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.evaluation.models import resolve_model_name
 from dsm_tune.evaluation.targets import Target, check_device_present, load_target

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
 
 import optuna
 
-from dsm_tune.evaluation.record import BASELINE, DATA_FINGERPRINT, ELAPSED_S, FINGERPRINT, SEEDED, SPEC, VERSIONS
+from dsm_tune.record import BASELINE, DATA_FINGERPRINT, ELAPSED_S, FINGERPRINT, SEEDED, SPEC, VERSIONS
 from dsm_tune.errors import DiskFullError, disk_full_code
 from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.diskspace import device_of, write_text_atomically

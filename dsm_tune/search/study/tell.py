@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import optuna
 from optuna.trial import TrialState
 
-from dsm_tune.evaluation.record import (
+from dsm_tune.record import (
     ABORTED, ACCURACY_DROP, BASELINE_LATENCY_MS, BASELINE_MEASURED_MS, CONSTRAINT, DRIVER_ATTRS, DUPLICATE_OF,
     FAIL_REASON, IN_PROCESS, KILLED_PROCESS, LATENCY_MEASURED_MS, LATENCY_MS, PLAN_KEY, PROCESS_DEATHS, QUEUED_AGAIN,
     REFERENCE_ATTR, REQUEUED_FROM, RUN_ATTRS, SEED_KIND, WALL_SECONDS, WORKER,

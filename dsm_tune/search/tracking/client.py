@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from dsm_tune.evaluation.record import PARENT_ATTR, SPEC
+from dsm_tune.record import PARENT_ATTR, SPEC
 from dsm_tune.search.folder import StudyFolder
 from dsm_tune.search.tracking.artifacts import StudyArtifacts
 from dsm_tune.search.tracking.records import TrackingError, finite_metric, mlflow_payload, tag_value

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from dsm_tune.evaluation.record import (
+from dsm_tune.record import (
     ACCURACY_DROP, BASELINE_LATENCY_MS, CONFIG, CONFIRMED_DROP, DATA_FINGERPRINT, FLOPS_RATIO, INTERVAL_KEYS,
     LATE_METRIC_KEYS, LATENCY_MS, SEED_KIND, SPEEDUP,
 )

@@ -21,7 +21,7 @@ from dsm_tune.search.strategies.traced.latency_model import LatencyModel
 from dsm_tune.search.strategies.traced.shapes import TOME_SHAPE, Shape, compile_schedule, tome_budget
 from dsm_tune.search.space import parse_space
 from dsm_tune.search.strategies import SpaceError, TracedSpace
-from dsm_tune.evaluation.record import SPEEDUP_PREDICTED as SPEEDUP_PREDICTED_ATTR
+from dsm_tune.record import SPEEDUP_PREDICTED as SPEEDUP_PREDICTED_ATTR
 from dsm_tune.search.strategies.traced import TracedProposer
 from dsm_tune.search.strategies.traced.tracer import BudgetTracer
 
@@ -322,7 +322,7 @@ def test_full_scoring_only_when_the_config_could_enter_the_front():
 
 
 def test_a_requeued_dense_trial_is_measured_again_without_blocking_any_shape():
-    from dsm_tune.evaluation.record import QUEUED_AGAIN as QUEUED_AGAIN_ATTR
+    from dsm_tune.record import QUEUED_AGAIN as QUEUED_AGAIN_ATTR
     from dsm_tune.search.study.tell import enqueue_again
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -27,9 +27,9 @@ from dsm_tune.search.results import load_study
 from dsm_tune.search.space import SPACES_DIR, load_space
 from dsm_tune.search.strategies import replay_attrs
 from dsm_tune.search.study import StudyError, StudySpec, run_study
-from dsm_tune.evaluation.record import IN_PROCESS as IN_PROCESS_ATTR
-from dsm_tune.evaluation.record import KILLED_PROCESS as KILLED_PROCESS_ATTR
-from dsm_tune.evaluation.record import PROCESS_DEATHS as PROCESS_DEATHS_ATTR
+from dsm_tune.record import IN_PROCESS as IN_PROCESS_ATTR
+from dsm_tune.record import KILLED_PROCESS as KILLED_PROCESS_ATTR
+from dsm_tune.record import PROCESS_DEATHS as PROCESS_DEATHS_ATTR
 from dsm_tune.search.study.tell import EVALUATED, EVALUATING, MAX_PROCESS_DEATHS, recover_stale
 from dsm_tune.search.testing import StandInFactory
 from tests.helpers.synthetic_study import create_study

@@ -16,8 +16,8 @@ from dsm_tune.search.folder import StudyFolder
 from dsm_tune.search.results import load_study
 from dsm_tune.search.space import load_space
 from dsm_tune.search.strategies import TracedSpace
-from dsm_tune.evaluation.record import SHAPE as SHAPE_ATTR
-from dsm_tune.evaluation.record import SPEEDUP_PREDICTED as SPEEDUP_PREDICTED_ATTR
+from dsm_tune.record import SHAPE as SHAPE_ATTR
+from dsm_tune.record import SPEEDUP_PREDICTED as SPEEDUP_PREDICTED_ATTR
 from dsm_tune.search.strategies.traced import TracedProposer
 from dsm_tune.search.study import StudySpec, run_study
 from dsm_tune.search.testing import StandInFactory

@@ -35,7 +35,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dsm_tune.evaluation.policy import TimingPolicy
-from dsm_tune.evaluation.record import (
+from dsm_tune.record import (
     ACCURACY_DROP, QUEUED_AGAIN, SEED_KIND, SHAPE, SPEEDUP, SPEEDUP_NOISY, SPEEDUP_PREDICTED,
 )
 from dsm_tune.merging import DSMConfig

@@ -2,8 +2,9 @@
 logs it; and the study-level attrs beside it.
 
 Every surface (trials.csv, best.json, MLflow, the plots, `report`) takes its names and column lists from here, so
-a new attr is added in one place. It lives in the evaluation layer because the evaluator writes most of the
-record and must not import the search layer; it imports nothing beyond the standard library.
+a new attr is added in one place. It sits beside the layers rather than in one: the evaluator writes most of the
+record and must not import the search layer, and the CLI reads names from it without loading torch; it imports
+nothing beyond the standard library.
 """
 
 from __future__ import annotations
