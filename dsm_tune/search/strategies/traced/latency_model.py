@@ -33,6 +33,9 @@ PRIOR_WEIGHT = 0.05          # pull towards the prior, relative to one measured 
 FIXED_SHARE_PRIOR = 0.05     # share of dense latency assumed not to scale with tokens
 DEFAULT_REL_ERROR = 0.15     # assumed relative error of a prediction before it can be estimated
 MIN_POINTS_FOR_QUANTA = 6
+# The model's error is estimated leaving each point out up to this many timed points, then by CROSS_FOLDS folds.
+MAX_LOO_POINTS = 40
+CROSS_FOLDS = 10
 
 
 @dataclass(frozen=True)
@@ -94,15 +97,22 @@ class LatencyModel:
         return lsq_linear(design, values, bounds=(0.0, np.inf)).x
 
     def _loo_error(self, quantum: int) -> float | None:
-        if len(self.points) < 3:
+        """Leave-one-out error while points are few; past MAX_LOO_POINTS, CROSS_FOLDS-fold (interleaved), so a
+        refit costs a fixed number of solves however long the study runs, not one per point."""
+        count = len(self.points)
+        if count < 3:
             return None
         features = [self._features(plan, quantum) for plan, _ in self.points]
         targets = [rel for _, rel in self.points]
+        folds = count if count <= MAX_LOO_POINTS else CROSS_FOLDS
         errors = []
-        for i in range(len(self.points)):
-            theta = self._solve(features[:i] + features[i + 1:], targets[:i] + targets[i + 1:])
-            predicted = float(features[i] @ theta)
-            errors.append(abs(targets[i] / predicted - 1.0) if predicted > 0 else 1.0)
+        for fold in range(folds):
+            held = range(fold, count, folds)
+            kept = [i for i in range(count) if i % folds != fold]
+            theta = self._solve([features[i] for i in kept], [targets[i] for i in kept])
+            for i in held:
+                predicted = float(features[i] @ theta)
+                errors.append(abs(targets[i] / predicted - 1.0) if predicted > 0 else 1.0)
         return float(np.sqrt(np.mean(np.square(errors))))
 
     def _fit(self) -> None:
