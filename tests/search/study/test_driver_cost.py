@@ -23,7 +23,7 @@ from dsm_tune.search.study.outputs import DerivedWrites, LiveOutputs
 from dsm_tune.search.study.tell import Teller
 from dsm_tune.search.tracking import NullTracker
 
-from .synthetic_study import (
+from tests.helpers.synthetic_study import (
     BASELINE_LATENCY_MS, add_aborted, add_failed, add_measured, create_study, make_config, trial_figures,
 )
 
