@@ -1,5 +1,4 @@
-"""One dense reference per study, the same latency figures on every surface, and speedups whose noise is known
-(issue 12 part 2)."""
+"""One dense reference per study, the same latency figures on every surface, and speedups whose noise is known."""
 
 from __future__ import annotations
 

@@ -266,6 +266,6 @@ def test_shipped_spaces_keep_the_bias_on_the_cpu_and_let_gpus_drop_it():
         cpu = load_space(None, name, fingerprint, target="cpu")
         gpu = load_space(None, name, fingerprint, target="h200")
         assert set(gpu.proportional_attention) == {True, False}, name
-        if name != "demo":   # the demo has tried both everywhere since issue 8
+        if name != "demo":   # the demo tries both everywhere
             assert cpu.proportional_attention == (True,), name
             assert load_space(None, name, fingerprint).proportional_attention == (True,), name

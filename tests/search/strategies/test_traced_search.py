@@ -1,10 +1,9 @@
-"""The traced search (issue 8): shape + budget compilation, budget tracing, the latency model, multi-fidelity
+"""The traced search: shape + budget compilation, budget tracing, the latency model, multi-fidelity
 screening, timing decisions, and replay of a study in the middle of a traced shape."""
 
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import random
 from pathlib import Path
@@ -17,12 +16,12 @@ from dsm_tune.evaluation.metrics import AccuracyEvaluator, AccuracyResult
 from dsm_tune.evaluation.policy import TimingPolicy
 from dsm_tune.evaluation.trial import timing_skip_reason
 from dsm_tune.merging import DSMConfig, ModelFingerprint, Stage, block_plan
-from dsm_tune.search.strategies.traced.latency_model import LatencyModel
-from dsm_tune.search.strategies.traced.shapes import TOME_SHAPE, Shape, compile_schedule, tome_budget
+from dsm_tune.record import SPEEDUP_PREDICTED as SPEEDUP_PREDICTED_ATTR
 from dsm_tune.search.space import parse_space
 from dsm_tune.search.strategies import SpaceError, TracedSpace
-from dsm_tune.record import SPEEDUP_PREDICTED as SPEEDUP_PREDICTED_ATTR
 from dsm_tune.search.strategies.traced import TracedProposer
+from dsm_tune.search.strategies.traced.latency_model import LatencyModel
+from dsm_tune.search.strategies.traced.shapes import TOME_SHAPE, Shape, compile_schedule, tome_budget
 from dsm_tune.search.strategies.traced.tracer import BudgetTracer
 
 from tests.evaluation.test_metrics import Lookup, one_hot, toy_data

@@ -1,4 +1,4 @@
-"""A full disk mid-study (issue 20): one line and exit 2, nothing stored lost, and the same command resumes to
+"""A full disk mid-study: one line and exit 2, nothing stored lost, and the same command resumes to
 exactly the budget once there is space.
 
 The always-run tests inject the fault at the write calls: `FullDisk` makes SQLite's writes fail as SQLite does
