@@ -3,11 +3,14 @@
 The oracle runs the very same blocks on the very same token counts as the merged model, but gets there by
 slicing the token tensor instead of matching and merging. `merged / oracle - 1` is therefore the cost of the
 merger itself (similarity, argsort, gather/scatter, proportional-attention mask), and `dense / merged` the speedup
-a user sees. All variants are timed round-robin in one process so machine drift hits them alike; latency is
-independent of weight values, so random weights are fine.
+a user sees. Every operator (`merging.config.OPERATORS`) runs each config's schedule on every stage: the same token
+counts, so the same oracle; an operator that costs more than the tokens it removes save shows here. All variants
+are timed round-robin in one process so machine drift hits them alike; latency is independent of weight values,
+so random weights are fine.
 
     python benchmarks/merger_speed.py                      # vit_small and vit_base at 224, batch 8
     python benchmarks/merger_speed.py --models vit_small_patch16_224 --batch-size 1 --repeats 15
+    python benchmarks/merger_speed.py --operators merge prune   # only these operators
 
 Targets: overhead <= 10% of the oracle's time at batch 8; >= 1.4x speedup for a config that halves the
 tokens by mid-depth.
@@ -23,7 +26,10 @@ import timm
 import torch
 from torch import nn
 
+import dataclasses
+
 from dsm_tune.merging import DSMConfig, Stage, apply_dsm, block_plan, remove_dsm, token_schedule
+from dsm_tune.merging.config import OPERATORS
 
 
 class OracleStack(nn.Module):
@@ -78,39 +84,44 @@ def median_iqr(samples: list[float]) -> tuple[float, float]:
     return statistics.median(samples), quartiles[2] - quartiles[0]
 
 
-def benchmark_model(name: str, batch_size: int, repeats: int, warmup: int) -> None:
+def with_operator(config: DSMConfig, operator: str) -> DSMConfig:
+    return config.replace(stages=tuple(dataclasses.replace(stage, operator=operator) for stage in config.stages))
+
+
+def benchmark_model(name: str, batch_size: int, repeats: int, warmup: int, operators: list[str]) -> None:
     model = timm.create_model(name, pretrained=False).eval()
     x = torch.randn(batch_size, 3, *model.patch_embed.img_size)
     prefix = model.num_prefix_tokens
     print(f"\n{name}  batch {batch_size}  {len(model.blocks)} blocks  {model.patch_embed.num_patches} patch tokens"
           f"  threads {torch.get_num_threads()}")
     for config_name, config in configs_for(model).items():
-        merged = apply_dsm(timm.create_model(name, pretrained=False).eval(), config)
-        merged.load_state_dict(model.state_dict())
+        merged = {}
+        for operator in operators:
+            merged[operator] = apply_dsm(timm.create_model(name, pretrained=False).eval(),
+                                         with_operator(config, operator))
+            merged[operator].load_state_dict(model.state_dict())
         oracle_stack = OracleStack(model.blocks, config, prefix)
-
-        def dense():
-            return model(x)
-
-        def dsm():
-            return merged(x)
 
         def oracle():
             features = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
             return model.forward_head(model.norm(oracle_stack(features)))
 
+        variants = {"dense": lambda: model(x), "oracle": oracle}
+        variants.update({operator: (lambda m=m: m(x)) for operator, m in merged.items()})
         with torch.inference_mode():
-            timings = time_round_robin({"dense": dense, "dsm": dsm, "oracle": oracle}, repeats, warmup)
-        (dense_s, dense_iqr), (dsm_s, dsm_iqr), (oracle_s, oracle_iqr) = (
-            median_iqr(timings[k]) for k in ("dense", "dsm", "oracle"))
+            timings = time_round_robin(variants, repeats, warmup)
+        medians = {name: median_iqr(samples) for name, samples in timings.items()}
+        dense_s, oracle_s = medians["dense"][0], medians["oracle"][0]
         schedule = token_schedule(config)
         print(f"  {config_name:17s} tokens {schedule[0]}->{schedule[len(schedule) // 2]}(mid)->{schedule[-1]}"
-              f"  dense {dense_s * 1e3:7.1f} ms (IQR {dense_iqr * 1e3:.1f})"
-              f"  dsm {dsm_s * 1e3:7.1f} ms (IQR {dsm_iqr * 1e3:.1f})"
-              f"  oracle {oracle_s * 1e3:7.1f} ms (IQR {oracle_iqr * 1e3:.1f})")
-        print(f"  {'':17s} speedup dense/dsm {dense_s / dsm_s:.2f}x   merger overhead dsm/oracle-1 "
-              f"{100 * (dsm_s / oracle_s - 1):+.1f}%   oracle speedup {dense_s / oracle_s:.2f}x")
-        remove_dsm(merged)
+              f"  dense {dense_s * 1e3:7.1f} ms (IQR {medians['dense'][1] * 1e3:.1f})"
+              f"  oracle {oracle_s * 1e3:7.1f} ms (IQR {medians['oracle'][1] * 1e3:.1f})"
+              f"  oracle speedup {dense_s / oracle_s:.2f}x")
+        for operator in operators:
+            dsm_s, dsm_iqr = medians[operator]
+            print(f"  {'':17s} {operator:13s} {dsm_s * 1e3:7.1f} ms (IQR {dsm_iqr * 1e3:.1f})  speedup dense/dsm "
+                  f"{dense_s / dsm_s:.2f}x   merger overhead dsm/oracle-1 {100 * (dsm_s / oracle_s - 1):+.1f}%")
+            remove_dsm(merged[operator])
 
 
 def main() -> None:
@@ -119,10 +130,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--operators", nargs="+", choices=OPERATORS, default=list(OPERATORS))
     args = parser.parse_args()
     torch.manual_seed(0)
     for name in args.models:
-        benchmark_model(name, args.batch_size, args.repeats, args.warmup)
+        benchmark_model(name, args.batch_size, args.repeats, args.warmup, args.operators)
 
 
 if __name__ == "__main__":

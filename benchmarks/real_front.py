@@ -3,6 +3,8 @@
 The real pretrained ViT-S/14 of ../shared/assets, the `feature` metric (100 * (1 - cosine) of the embedding) on
 real ImageNet images, CPU, batch 8, one worker. Compared in one run:
 - tuned: `dsm-tune run` with the default (traced) space and sampler, N trials, per seed;
+- operators: the same on `search_spaces/operators/vit_small.yaml`, whose shapes also choose how tokens go (the first
+  blocks prune, the rest merge by ToMe's average, a norm-keeping one or redundancy first), per seed;
 - sweep: ToMe's constant r (start 0, depth 0, proportional attention) at r = 2, 4, ... 20, every config measured;
 - sampled-tpe (with --sampled-tpe-seeds): `dsm-tune run` on the sampled space (per-stage ratios) with the default
   sampler, the default before the traced search;
@@ -43,6 +45,7 @@ WEIGHTS = ASSETS / "vit_small_patch14_dinov2.imgfocus_224.safetensors"
 IMAGES = ASSETS / "imagenet-sample"
 MODEL = "vit_small_patch14_dinov2"
 SAMPLED_SPACE = REPO / "search_spaces" / "sampled" / "vit_small.yaml"
+OPERATOR_SPACE = REPO / "search_spaces" / "operators" / "vit_small.yaml"
 DROPS = (0.25, 0.5, 1.0)
 
 
@@ -130,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seeds of the random search (default: --seeds; none to skip it)")
     parser.add_argument("--sampled-tpe-seeds", type=int, nargs="*", default=[],
                         help="seeds of a study on the sampled space with the default sampler (default: none)")
+    parser.add_argument("--operator-seeds", type=int, nargs="*", default=None,
+                        help="seeds of a study on the operator space (search_spaces/operators/vit_small.yaml: shapes "
+                             "plus prune/merge operators); default: --seeds; none to skip it")
     parser.add_argument("--out", type=Path, default=None, help="study folder root (default: temporary)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
@@ -145,13 +151,20 @@ def main(argv: list[str] | None = None) -> int:
         sweep, seconds, trials = run_sweep(ev, args)
         rows.append(summarize("tome-sweep", sweep, seconds, trials, None, args))
         print(f"  {rows[0]}", flush=True)
-        per_method: dict[str, list[dict]] = {"tuned": [], "sampled-tpe": [], "random": []}
+        per_method: dict[str, list[dict]] = {"tuned": [], "operators": [], "sampled-tpe": [], "random": []}
         random_seeds = args.seeds if args.random_seeds is None else args.random_seeds
+        operator_seeds = args.seeds if args.operator_seeds is None else args.operator_seeds
         for seed in args.seeds:
             print(f"tuned seed {seed} ...", flush=True)
             points, seconds, trials = run_tuned(seed, args, out)
             per_method["tuned"].append(summarize(f"tuned seed {seed}", points, seconds, trials, sweep, args))
             print(f"  {per_method['tuned'][-1]}", flush=True)
+            if seed in operator_seeds:
+                print(f"operators seed {seed} ...", flush=True)
+                points, seconds, trials = run_tuned(seed, args, out, OPERATOR_SPACE, "operators")
+                per_method["operators"].append(summarize(f"operators seed {seed}", points, seconds, trials, sweep,
+                                                         args))
+                print(f"  {per_method['operators'][-1]}", flush=True)
             if seed in random_seeds:
                 print(f"random seed {seed} ...", flush=True)
                 points, seconds, trials = run_random(ev, seed, args)
@@ -186,6 +199,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntuned vs sweep: best speedup within {args.max_drop:g} point(s) x{gain:.3f} (target >= 1.05), "
               f"wall time x{wall:.2f} of the sweep's (target <= 3), as fast at every feasible sweep point: "
               f"{'yes' if every else 'no'}")
+    operators = per_method["operators"]
+    if tuned and operators:
+        # Seed by seed: the operator space and today's space start from the same seed.
+        pairs = [(o, t) for o in operators for t in tuned if o["method"].split()[-1] == t["method"].split()[-1]]
+        for o, t in pairs:
+            print(f"operators vs tuned, seed {o['method'].split()[-1]}: best within {args.max_drop:g} x"
+                  f"{o['best@1'] / t['best@1']:.3f} (target >= 1.05), hypervolume {o['hypervolume']:.4f} vs "
+                  f"{t['hypervolume']:.4f} (target >=), wall x{o['seconds'] / t['seconds']:.2f} (target <= 1.2), "
+                  f"as fast at every feasible sweep point: "
+                  f"{'yes' if o['as_fast_at_sweep'][0] == o['as_fast_at_sweep'][1] else 'no'}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -4,10 +4,13 @@ For each model and each runtime, the dense and the merged model are timed interl
 harness (`dsm_tune.evaluation.latency.measure_latency`, the one a study uses), all in one process so machine drift
 hits every runtime alike. Reported per runtime: dense and merged latency, DSM's speedup (dense / merged), how much of
 the eager speedup survives (speedup / eager speedup), and how fast the runtime runs the dense model (eager dense /
-runtime dense). Latency does not depend on weight values, so random weights are fine.
+runtime dense). With `--operators`, the same schedule runs with each named operator on every stage
+(`merging.config.OPERATORS`), so an operator that loses its speed in a runtime shows. Latency does not depend on
+weight values, so random weights are fine.
 
     python benchmarks/runtime_speed.py                 # vit_small and vit_base at 224, batch 8, all runtimes
     python benchmarks/runtime_speed.py --quick         # a smoke run: vit_small at 64 px, batch 1, few repeats
+    python benchmarks/runtime_speed.py --models vit_small_patch16_224 --operators merge prune merge_norm merge_energy
 
 Needs the ONNX extra for the onnxruntime rows: pip install 'dsm-tune[onnx]'.
 """
@@ -24,6 +27,7 @@ from dsm_tune.evaluation.latency import LatencyResult, measure_latency
 from dsm_tune.evaluation.targets import load_target
 from dsm_tune.evaluation.trial import shared_weights_copy
 from dsm_tune.merging import DSMConfig, Stage, apply_dsm, token_schedule
+from dsm_tune.merging.config import OPERATORS
 
 # Runtime name -> the target profile and flags that time it.
 RUNTIME_TARGETS = {
@@ -33,23 +37,24 @@ RUNTIME_TARGETS = {
 }
 
 
-def dsm_config(model: torch.nn.Module) -> DSMConfig:
+def dsm_config(model: torch.nn.Module, operator: str = "merge") -> DSMConfig:
     """Two dense blocks, a local stage, then global merging: about half the tokens left by mid-depth."""
     depth = len(model.blocks)
     half = depth // 2
     return DSMConfig.for_model(model, start_layer=2, hierarchy_depth=1,
-                               stages=[Stage(half - 2, ratio=0.16), Stage(depth - half, ratio=0.12)])
+                               stages=[Stage(half - 2, ratio=0.16, operator=operator),
+                                       Stage(depth - half, ratio=0.12, operator=operator)])
 
 
 def benchmark_model(name: str, img_size: int | None, batch_size: int, runtimes: list[str], warmup: int,
-                    repeats: int, compile_backend: str) -> None:
+                    repeats: int, compile_backend: str, operator: str = "merge") -> None:
     kwargs = {"img_size": img_size} if img_size else {}
     dense = timm.create_model(name, pretrained=False, **kwargs).eval()
-    merged = apply_dsm(shared_weights_copy(dense), dsm_config(dense))
+    merged = apply_dsm(shared_weights_copy(dense), dsm_config(dense, operator))
     schedule = token_schedule(dsm_config(dense))
     height, width = dense.patch_embed.img_size
-    print(f"\n{name}  {height}x{width}  batch {batch_size}  tokens {schedule[0]}->{schedule[len(schedule) // 2]}"
-          f"(mid)->{schedule[-1]}  threads {torch.get_num_threads()}")
+    print(f"\n{name}  {height}x{width}  batch {batch_size}  operator {operator}  tokens {schedule[0]}->"
+          f"{schedule[len(schedule) // 2]}(mid)->{schedule[-1]}  threads {torch.get_num_threads()}")
     print(f"  {'runtime':12s} {'dense ms':>16s} {'merged ms':>16s} {'speedup':>16s} {'vs eager':>9s} "
           f"{'dense vs eager':>15s} {'prepare s':>10s}")
     results: dict[str, LatencyResult] = {}
@@ -77,6 +82,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--operators", nargs="+", choices=OPERATORS, default=["merge"],
+                        help="the operators to time the schedule with (default: merge)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: vit_small at 64 px, batch 1, 1 warm-up, 3 repeats")
     args = parser.parse_args()
@@ -85,8 +92,9 @@ def main() -> None:
             ["vit_small_patch16_224"], 64, 1, 1, 3)
     torch.manual_seed(0)
     for name in args.models:
-        benchmark_model(name, args.img_size, args.batch_size, args.runtimes, args.warmup, args.repeats,
-                        args.compile_backend)
+        for operator in args.operators:
+            benchmark_model(name, args.img_size, args.batch_size, args.runtimes, args.warmup, args.repeats,
+                            args.compile_backend, operator)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Search quality on the demo model: hypervolume of the front after N trials: the traced search (the default),
-the sampled space with TPE (the default before the traced search), random search of the sampled space, and a ToMe
+the traced space with the operator choice (prune first, merge variants), the sampled space with TPE (the default
+before the traced search), random search of the sampled space, and a ToMe
 constant-r sweep of equal cost (N configs), over several seeds.
 
 Objectives are the study's own: accuracy drop (points) and latency, taken as 1/speedup (the merged model's
@@ -36,9 +37,11 @@ from dsm_tune.search.tracking import NullTracker  # noqa: E402
 from dsm_tune.search.workers import start_ray, stop_ray  # noqa: E402
 
 SAMPLED_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "sampled" / "demo.yaml"
+OPERATOR_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "operators" / "demo.yaml"
 # name -> (sampler, space file or None for the default traced space)
 METHODS = {
     "traced": (DEFAULT_SAMPLER, None),
+    "operators": (DEFAULT_SAMPLER, OPERATOR_SPACE),
     "sampled-tpe": (DEFAULT_SAMPLER, SAMPLED_SPACE),
     "random": ("random", SAMPLED_SPACE),
 }
@@ -84,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=300, help="evaluation images (the demo slice has 2000)")
     parser.add_argument("--max-drop", type=float, default=1.0, help="accuracy-drop limit, in points")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                        help="traced: the default space and sampler; sampled-tpe: the sampled space (per-stage "
-                             "ratios) with TPE, the default before the traced search; random: random search of that space")
+                        help="traced: the default space and sampler; operators: the traced space that also chooses "
+                             "the operators (search_spaces/operators/demo.yaml); sampled-tpe: the sampled space "
+                             "(per-stage ratios) with TPE, the default before the traced search; random: random "
+                             "search of that space")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="timing batch (default: the demo's cpu batch of `dsm-tune run`)")
     parser.add_argument("--out", type=Path, default=None, help="study folder root (default: temporary)")

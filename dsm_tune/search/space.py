@@ -13,6 +13,8 @@ Keys of a space file (ranges are `[low, high]`, inclusive, or a single value to 
     description: free text
   a traced space:
     budget: [0.0, 0.9]              # share of the patch tokens merged away by the last block
+    prune_blocks: [0, 4]            # the first merging blocks prune instead (default 0)
+    merge_operator: [merge, merge_norm, merge_energy]   # how the others merge (default merge)
     local_blocks: [1, 4]            # blocks per window level
     front_loading: [-1.0, 1.0]      # > 0 merges more early, < 0 later
     max_evals_per_shape: 4
@@ -36,6 +38,7 @@ from dsm_tune.evaluation.targets import Target, load_target
 from dsm_tune.merging import MAX_RATIO, ConfigError, DSMConfig, ModelFingerprint, Stage
 from dsm_tune.search.strategies.base import SpaceError
 from dsm_tune.search.strategies.sampled import DEFAULT_RATIO_STEP, SampledSpace
+from dsm_tune.search.strategies.traced.shapes import MERGE_OPERATORS
 from dsm_tune.search.strategies.traced.space import DEFAULT_MAX_EVALS_PER_SHAPE, TracedSpace
 
 # The repository's search_spaces/ in a checkout; in an installed wheel, its copy inside the package (setup.py maps
@@ -63,7 +66,7 @@ COMMON_KEYS = {"description", "start_layer", "start_layer_fraction", "hierarchy_
 # A sampled space: every stage's ratio and split is its own parameter (the first spaces; still accepted).
 SAMPLED_KEYS = {"num_stages", "stage_ratio", "ratio_step", "stage_split"}
 # A traced space: a shape (where and how merging is spread) and a budget (how much), see strategies/traced/shapes.py.
-TRACED_KEYS = {"budget", "local_blocks", "front_loading", "max_evals_per_shape"}
+TRACED_KEYS = {"budget", "local_blocks", "front_loading", "max_evals_per_shape", "prune_blocks", "merge_operator"}
 KNOWN_KEYS = COMMON_KEYS | SAMPLED_KEYS | TRACED_KEYS
 KNOWN_CONSTRAINTS = {"min_tokens_kept"}
 
@@ -226,7 +229,24 @@ class _SpaceParser:
         return TracedSpace(source=source, fingerprint=self.fp, start_layer=start, hierarchy_depth=depth,
                            local_blocks=local, front_loading=front, budget=budget,
                            proportional_attention=self.proportional_attention(), min_tokens_kept=self.constraints(),
-                           max_evals_per_shape=evals, description=description)
+                           max_evals_per_shape=evals, description=description,
+                           prune_blocks=self.prune_blocks(blocks - start[0]), merge_operators=self.merge_operators())
+
+    def prune_blocks(self, merging_blocks: int) -> tuple[int, int]:
+        prune = self.number_range("prune_blocks", int) if "prune_blocks" in self.data else (0, 0)
+        if not 0 <= prune[0] <= prune[1] <= merging_blocks:
+            raise self.fail("prune_blocks", f"must lie within [0, {merging_blocks}] (the blocks that can merge), got "
+                                            f"{list(prune)}")
+        return prune
+
+    def merge_operators(self) -> tuple[str, ...]:
+        value = self.data.get("merge_operator", [MERGE_OPERATORS[0]])
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        unknown = [item for item in items if item not in MERGE_OPERATORS]
+        if not items or unknown:
+            raise self.fail("merge_operator", f"must be one or a list of {', '.join(MERGE_OPERATORS)} (pruning is "
+                                              f"'prune_blocks'), got {value!r}")
+        return tuple(dict.fromkeys(items))
 
     def start_layer(self, blocks: int) -> tuple[int, int]:
         has_abs, has_frac = "start_layer" in self.data, "start_layer_fraction" in self.data

@@ -74,8 +74,8 @@ def _make_shape_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=3, constant_liar=True)
 
 
-def _sampler_params(shape: Shape) -> dict[str, Any]:
-    params = shape.params()
+def _sampler_params(space: TracedSpace, shape: Shape) -> dict[str, Any]:
+    params = space.shape_params(shape)
     if not shape.hierarchy_depth:
         params.pop("local_blocks")   # the shape sampler fixes it without windows (TracedSpace.suggest_shape)
     return params
@@ -106,7 +106,7 @@ class TracedProposer:
         attrs = trial.user_attrs
         if attrs.get(SEED_KIND) == DENSE_KIND:
             self.dense_seen = True
-        shape, budget = Shape.from_params(params), float(params[BUDGET_PARAM])
+        shape, budget = self.space.shape_from_params(params), float(params[BUDGET_PARAM])
         if trial.state == TrialState.FAIL:
             run = self.runs.get(shape.key())
             if run is not None:
@@ -170,7 +170,7 @@ class TracedProposer:
     def _proposal(self, trial: optuna.Trial) -> Proposal:
         """Compile an asked trial (its parameters fixed), claim its budget for its shape, predict its speedup."""
         cfg = self.space.suggest(trial)
-        shape = Shape.from_params(trial.params)
+        shape = self.space.shape_from_params(trial.params)
         trial.set_user_attr(SHAPE, shape.key())
         run = self.runs.get(shape.key())
         if run is not None and trial.user_attrs.get(SEED_KIND) != DENSE_KIND:   # dense is no shape's point
@@ -188,7 +188,7 @@ class TracedProposer:
 
     # shapes ------------------------------------------------------------------------------------------------
     def _open(self, shape: Shape, kind: str | None, origin: str) -> _ShapeRun:
-        self.shape_study.enqueue_trial(_sampler_params(shape))
+        self.shape_study.enqueue_trial(_sampler_params(self.space, shape))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # a fixed parameter outside the sampler's range is fine here
             sampler_trial = self.shape_study.ask()

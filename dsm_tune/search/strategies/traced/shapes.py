@@ -10,7 +10,11 @@ The shape says where and how the budget is spent:
   k blocks each; all later blocks match globally;
 - `front_loading` a: block j of the n merging blocks gets a share proportional to ((n - j) / n) ** a of the
   budget: a = 0 is ToMe's constant count per block, a > 0 merges more early (where it saves most), a < 0 later;
-- `proportional_attention`.
+- `proportional_attention`;
+- the operators (`merging.config.OPERATORS`): the first `prune_blocks` merging blocks prune (a windowed stage prunes
+  whole when the hand-over falls inside it: window levels are per stage), the others use `merge_operator`. The
+  defaults (0, merge) are ToMe's operator everywhere, and a shape that keeps them compiles to the config it always
+  did.
 
 Counts are whole tokens (the `r` form of a stage), so ToMe's constant-r schedule is the shape
 (0, 0, -, 0.0, True) at budget r * L / N exactly. A windowed stage merges one count per block (the config format
@@ -20,15 +24,20 @@ tokens) leaves unmerged is carried to the following blocks, so the realised sche
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Protocol
 
 from dsm_tune.merging import DSMConfig, ModelFingerprint, Stage
+from dsm_tune.merging.config import DEFAULT_OPERATOR
 
 SHAPE_PARAMS = ("start_layer", "hierarchy_depth", "local_blocks", "front_loading", "proportional_attention")
+# Parameters a space declares only when it searches operators: a shape of any other space never carries them.
+OPERATOR_PARAMS = ("prune_blocks", "merge_operator")
 BUDGET_PARAM = "budget"
+MERGE_OPERATORS = ("merge", "merge_norm", "merge_energy")
 
 
 @dataclass(frozen=True)
@@ -38,27 +47,40 @@ class Shape:
     local_blocks: int
     front_loading: float
     proportional_attention: bool
+    prune_blocks: int = 0
+    merge_operator: str = DEFAULT_OPERATOR
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "Shape":
         return cls(start_layer=int(params["start_layer"]), hierarchy_depth=int(params["hierarchy_depth"]),
                    local_blocks=int(params.get("local_blocks", 1)),
                    front_loading=float(params.get("front_loading", 0.0)),
-                   proportional_attention=bool(params["proportional_attention"]))
+                   proportional_attention=bool(params["proportional_attention"]),
+                   prune_blocks=int(params.get("prune_blocks", 0)),
+                   merge_operator=str(params.get("merge_operator", DEFAULT_OPERATOR)))
 
     def params(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def default_operators(self) -> bool:
+        return not self.prune_blocks and self.merge_operator == DEFAULT_OPERATOR
+
     def key(self) -> str:
-        """Equal keys compile every budget to the same config (depth 0 makes `local_blocks` irrelevant)."""
+        """Equal keys compile every budget to the same config (depth 0 makes `local_blocks` irrelevant); a shape
+        with the default operators keeps the key it had before operators existed."""
         local = self.local_blocks if self.hierarchy_depth else 0
+        operators = "" if self.default_operators else f"-x{self.prune_blocks}-o{self.merge_operator}"
         return (f"s{self.start_layer}-d{self.hierarchy_depth}-k{local}-a{self.front_loading:.3f}"
-                f"-p{int(self.proportional_attention)}")
+                f"-p{int(self.proportional_attention)}{operators}")
 
     def describe(self) -> str:
         local = f" x{self.local_blocks} local" if self.hierarchy_depth else ""
+        operators = "" if self.default_operators else (
+            f", prune {self.prune_blocks} block(s) then {self.merge_operator}" if self.prune_blocks
+            else f", {self.merge_operator}")
         return (f"start {self.start_layer}, depth {self.hierarchy_depth}{local}, front-loading "
-                f"{self.front_loading:+.2f}{', prop' if self.proportional_attention else ''}")
+                f"{self.front_loading:+.2f}{', prop' if self.proportional_attention else ''}{operators}")
 
 
 def _block_weights(count: int, front_loading: float) -> list[float]:
@@ -120,8 +142,28 @@ def compile_schedule(shape: Shape, budget: float, fingerprint: ModelFingerprint)
             stages[-1] = Stage(stages[-1].blocks + 1, r=count)
         else:
             stages.append(Stage(1, r=count))
+    if not shape.default_operators:
+        stages = _with_operators(stages, len(local_lengths), shape.prune_blocks, shape.merge_operator)
     return DSMConfig(start_layer=shape.start_layer, hierarchy_depth=depth, stages=tuple(stages),
                      proportional_attention=shape.proportional_attention, model=fingerprint)
+
+
+def _with_operators(stages: list[Stage], windowed: int, prune_blocks: int, merge_operator: str) -> list[Stage]:
+    """`stages` with the first `prune_blocks` merging blocks pruning and the rest merging by `merge_operator`. A
+    global stage is split at the hand-over; a windowed one (the first `windowed`) prunes whole if it starts before."""
+    out: list[Stage] = []
+    block = 0
+    for index, stage in enumerate(stages):
+        head = min(max(prune_blocks - block, 0), stage.blocks)
+        if head and (index < windowed or head == stage.blocks):
+            out.append(dataclasses.replace(stage, operator="prune"))
+        elif head:
+            out += [dataclasses.replace(stage, blocks=head, operator="prune"),
+                    dataclasses.replace(stage, blocks=stage.blocks - head, operator=merge_operator)]
+        else:
+            out.append(dataclasses.replace(stage, operator=merge_operator))
+        block += stage.blocks
+    return out
 
 
 def tome_budget(r: int, fingerprint: ModelFingerprint) -> float:
@@ -137,6 +179,8 @@ class ShapeBounds(Protocol):
     hierarchy_depth: tuple[int, int]
     local_blocks: tuple[int, int]
     front_loading: tuple[float, float]
+    prune_blocks: tuple[int, int]
+    merge_operators: tuple[str, ...]
 
 
 def mutate(shape: Shape, bounds: ShapeBounds, rng: random.Random) -> Shape:
@@ -150,6 +194,13 @@ def mutate(shape: Shape, bounds: ShapeBounds, rng: random.Random) -> Shape:
         "front_loading": lambda s: {"front_loading": round(clip(s.front_loading + rng.choice((-0.5, 0.5)),
                                                                 bounds.front_loading), 3)},
     }
+    # Operator moves only where the space searches operators: other spaces keep their random stream.
+    if bounds.prune_blocks[0] != bounds.prune_blocks[1]:
+        moves["prune_blocks"] = lambda s: {"prune_blocks": clip(s.prune_blocks + rng.choice((-1, 1)),
+                                                                bounds.prune_blocks)}
+    if len(bounds.merge_operators) > 1:
+        moves["merge_operator"] = lambda s: {"merge_operator": rng.choice(
+            [op for op in bounds.merge_operators if op != s.merge_operator])}
     names = [n for n in moves if n != "local_blocks" or shape.hierarchy_depth]
     changes: dict[str, Any] = {}
     for name in rng.sample(names, k=min(len(names), rng.choice((1, 2)))):
