@@ -31,7 +31,7 @@ import torch
 from dsm_tune.evaluation.targets import load_target
 from dsm_tune.evaluation.trial import NOISY_SPEEDUP_SPREAD, TrialEvaluator
 from dsm_tune.merging import DSMConfig
-from dsm_tune.search.reference import DenseReference
+from dsm_tune.search.dense_reference import DenseReference
 
 TARGET_ERROR = 0.03   # "within a few percent of 1.0x"
 

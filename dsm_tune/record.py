@@ -16,7 +16,7 @@ EVALUATOR = "evaluator"        # the evaluator's result (`TrialOutcome.flat`)
 DRIVER = "driver"              # the driver's bookkeeping: not copied onto a duplicate, not an evaluator result
 PROPOSER = "proposer"          # the traced proposer's record of what it predicted
 RUN = "run"                    # about one evaluation run, not about the config: not copied onto a duplicate
-REFERENCE = "reference"        # derived when read, under the study's dense reference (`search/reference.py`)
+REFERENCE = "reference"        # derived when read, under the study's dense reference (`search/dense_reference.py`)
 CONFIRMATION = "confirmation"  # scored on held-out images after the search; kept in a study attr
 TEST = "test"                  # stand-in evaluators only
 

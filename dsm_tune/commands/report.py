@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from dsm_tune.search.folder import StudyFolder
     from dsm_tune.search.plots import write_pareto_plots
-    from dsm_tune.search.reference import study_reference
+    from dsm_tune.search.dense_reference import study_reference
     from dsm_tune.search.render import (
         NOISY_LEGEND, default_winner, format_trials, latency_model_summary, pareto_front, trial_table,
     )

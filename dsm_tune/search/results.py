@@ -21,7 +21,7 @@ from dsm_tune.record import (
     SPEEDUP_NOISY,
 )
 from dsm_tune.search.folder import STORAGE_FILE, StudyError, StudyFolder
-from dsm_tune.search.reference import (
+from dsm_tune.search.dense_reference import (
     MEASURED_STATES, DenseReference, first_dense_ms, study_reference, trial_dense_ms, truthy,
 )
 from dsm_tune.search.text import json_safe

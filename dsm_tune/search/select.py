@@ -21,12 +21,12 @@ from dsm_tune.record import (
     ABORTED, ACCURACY_DROP, BASELINE_LATENCY_MS, CONFIRMED_DROP, CONFIRMED_DROP_CI_HIGH, CONFIRMED_FIELDS,
     FROZEN_METRIC_KEYS, LATENCY_MS, SPEEDUP, SPEEDUP_NOISY,
 )
-from dsm_tune.search.reference import study_reference, truthy
+from dsm_tune.search.dense_reference import study_reference, truthy
 from dsm_tune.search.results import confirmed_scores
 from dsm_tune.search.text import is_finite_number, json_safe
 
 # The frozen document's metrics are `record.FROZEN_METRIC_KEYS`: latency_ms = baseline_latency_ms (the study's
-# dense reference) / speedup; the *_measured_ms are the trial's raw interleaved medians (`search/reference.py`).
+# dense reference) / speedup; the *_measured_ms are the trial's raw interleaved medians (`search/dense_reference.py`).
 
 # Which drop the limit rules compare: the confirmed drop (images the search never saw; the default), its interval's
 # upper bound (`--conservative`), or the search drop (the figure the search optimised, biased low by selection).

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from dsm_tune.evaluation.latency import LatencyResult
-from dsm_tune.search.reference import DenseReference
+from dsm_tune.search.dense_reference import DenseReference
 
 
 def _latency(speedup: float, spread: float) -> LatencyResult:
@@ -125,7 +125,7 @@ def _timed(frame):
 def test_the_reference_is_robust_to_drift_and_every_frame_figure_uses_it(drifting_study):
     import pandas as pd
 
-    from dsm_tune.search.reference import REFERENCE_ATTR
+    from dsm_tune.search.dense_reference import REFERENCE_ATTR
     from dsm_tune.search.results import load_study, trials_frame
 
     study = load_study(drifting_study["dir"])

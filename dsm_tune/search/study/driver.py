@@ -30,7 +30,7 @@ from dsm_tune.search.folder import StudyError
 from dsm_tune.search.progress import Progress
 from dsm_tune.search.space import parse_space
 from dsm_tune.search.strategies import ProposerFactory, default_proposer
-from dsm_tune.search.study.chatter import chatter_to
+from dsm_tune.search.study.library_logs import library_logs_to
 from dsm_tune.search.study.factory import DefaultEvaluatorFactory
 from dsm_tune.search.study.loop import MAX_FRESH_DEATHS, WAIT_SLICE_S, Loop
 from dsm_tune.search.study.preflight import StudyPlan, preflight, resolve_plan
@@ -56,7 +56,7 @@ def run_study(spec: StudySpec, evaluator_factory: Callable[[], Evaluator] | None
     """
     stream = stream or sys.stderr
     # A full disk anywhere in the run leaves as one DiskFullError, with the lock still held (diskspace.py).
-    with _study_lock(spec), chatter_to(spec.folder.log_file), \
+    with _study_lock(spec), library_logs_to(spec.folder.log_file), \
             stop_on_full_disk(spec.folder.storage_file, spec.folder.name):
         return _run_locked(spec, evaluator_factory, tracker, stream, proposer_factory or default_proposer)
 
@@ -69,7 +69,7 @@ def sync_tracking(out: Path, study: str, mlflow_uri: str | None = None, tracker:
     from dsm_tune.search.tracking import MlflowTracker
 
     spec = resume_spec(out, study, mlflow_uri=mlflow_uri)
-    with _study_lock(spec), chatter_to(spec.folder.log_file), \
+    with _study_lock(spec), library_logs_to(spec.folder.log_file), \
             stop_on_full_disk(spec.folder.storage_file, spec.folder.name):
         tracker = tracker if tracker is not None else MlflowTracker(uri=spec.mlflow_uri, out=spec.out)
         progress = Progress(total=spec.trials, max_drop=spec.max_accuracy_drop, stream=stream or sys.stderr)

@@ -18,7 +18,7 @@ from dsm_tune.record import (
 )
 from dsm_tune.search.folder import StudyError
 from dsm_tune.search.progress import Progress
-from dsm_tune.search.reference import truthy
+from dsm_tune.search.dense_reference import truthy
 from dsm_tune.search.results import config_attr
 from dsm_tune.search.strategies import FINISHED, Proposal, Proposer, Space, SpaceError, plan_key
 from dsm_tune.search.study.dedup import SETTLED, PlanCache, Task

@@ -16,7 +16,7 @@ from dsm_tune.merging import ModelFingerprint
 from dsm_tune.search.diskspace import device_of, write_text_atomically
 from dsm_tune.search.folder import StudyError
 from dsm_tune.search.progress import Progress, format_duration
-from dsm_tune.search.reference import study_reference
+from dsm_tune.search.dense_reference import study_reference
 from dsm_tune.search.results import confirmed_scores, json_safe, pareto_numbers
 from dsm_tune.search.strategies import Space, enqueue_seeds, make_sampler
 from dsm_tune.search.study.dedup import SETTLED

@@ -1,7 +1,7 @@
 """Telling the study what became of a trial: measured (COMPLETE), not measured to the end (PRUNED), failed
 (FAIL, queued again when it never finished), and the latency objective that goes into Optuna.
 
-The latency objective is the study's dense reference (`dsm_tune.search.reference`: the median of every dense
+The latency objective is the study's dense reference (`dsm_tune.search.dense_reference`: the median of every dense
 timing so far, this trial's included) over the trial's interleaved speedup. Optuna keeps the value as told; a
 finished trial cannot be told again, so later reference updates reach the surfaces (which recompute from the
 speedup when they read the study) but not Optuna's stored `values_1`."""
@@ -18,7 +18,7 @@ from dsm_tune.record import (
     FAIL_REASON, IN_PROCESS, KILLED_PROCESS, LATENCY_MEASURED_MS, LATENCY_MS, PLAN_KEY, PROCESS_DEATHS, QUEUED_AGAIN,
     REFERENCE_ATTR, REQUEUED_FROM, RUN_ATTRS, SEED_KIND, WALL_SECONDS, WORKER,
 )
-from dsm_tune.search.reference import MEASURED_STATES, DenseReference, first_dense_ms, trial_dense_ms
+from dsm_tune.search.dense_reference import MEASURED_STATES, DenseReference, first_dense_ms, trial_dense_ms
 from dsm_tune.search.strategies import replay_attrs
 from dsm_tune.search.study.dedup import Task
 from dsm_tune.search.text import is_finite_number, json_safe

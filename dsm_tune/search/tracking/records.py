@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from dsm_tune.errors import DSMTuneError
 from dsm_tune.record import CONFIG, INTERVAL_KEYS, LATE_METRIC_KEYS, METRIC_KEYS, TAG_KEYS
-from dsm_tune.search.reference import DenseReference
+from dsm_tune.search.dense_reference import DenseReference
 
 # What a child run logs is `record.METRIC_KEYS` / `record.TAG_KEYS`: latency_ms and baseline_latency_ms are under
 # the study's dense reference when the record was built (`trial_record`), so a child logged earlier keeps the

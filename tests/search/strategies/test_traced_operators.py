@@ -15,7 +15,6 @@ from dsm_tune.merging import ModelFingerprint, block_plan
 from dsm_tune.record import SEED_KIND
 from dsm_tune.search.space import SPACES_DIR, parse_space
 from dsm_tune.search.strategies import SpaceError, TracedSpace
-from dsm_tune.search.strategies.traced import TracedProposer
 from dsm_tune.search.strategies.traced.shapes import TOME_SHAPE, Shape, compile_schedule, mutate, tome_budget
 from dsm_tune.search.study import StudySpec, run_study
 from dsm_tune.search.testing import StandInFactory

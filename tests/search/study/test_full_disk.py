@@ -283,8 +283,8 @@ def test_a_worker_whose_cache_finds_the_disk_full_ends_the_run_in_one_line(tmp_p
                         classmethod(lambda cls, spec: FullCacheFactory()))
     rc, err, _ = _run(tmp_path, capsys)
     assert rc == 2
-    assert len(err) == 1 and err[0].startswith(f"dsm-tune: error: no space left on ")
-    assert f"while writing the dense-output cache" in err[0] and "nothing was stored yet" in err[0]
+    assert len(err) == 1 and err[0].startswith("dsm-tune: error: no space left on ")
+    assert "while writing the dense-output cache" in err[0] and "nothing was stored yet" in err[0]
     assert not (tmp_path / STUDY).exists()
 
 

@@ -309,7 +309,7 @@ def test_dsm_tune_run_on_the_demo_model_writes_a_best_config_that_applies(tmp_pa
 def test_latency_objective_cancels_drift_between_trials():
     """Two trials timed while the machine drifted (raw medians 80 ms and 40 ms) but with the same interleaved
     speedup must get the same latency objective: the study's dense reference over the speedup."""
-    from dsm_tune.search.reference import DenseReference
+    from dsm_tune.search.dense_reference import DenseReference
 
     reference = DenseReference.of([50.0])
     assert reference.figures({"latency_ms": 80.0, "speedup": 2.0})["latency_ms"] == 25.0

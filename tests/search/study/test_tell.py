@@ -7,7 +7,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from dsm_tune.search.reference import REFERENCE_ATTR
+from dsm_tune.search.dense_reference import REFERENCE_ATTR
 from dsm_tune.search.strategies import plan_key
 from dsm_tune.search.study.dedup import Task
 from dsm_tune.search.study.tell import CONSTRAINT_NAME, Teller

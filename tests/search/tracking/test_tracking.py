@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from dsm_tune.merging import DSMConfig
 from dsm_tune.search.plots import write_pareto_plots
-from dsm_tune.search.reference import study_reference
+from dsm_tune.search.dense_reference import study_reference
 from dsm_tune.search.results import load_study, pareto_numbers, trials_frame, write_trials_csv
 from dsm_tune.search.select import Rule, freeze_trial, pick_winner
 from dsm_tune.search.folder import PENDING_FILE

@@ -26,7 +26,7 @@ class _NoticeFile(logging.FileHandler):
 
 
 @contextlib.contextmanager
-def chatter_to(log_file: Path) -> Iterator[None]:
+def library_logs_to(log_file: Path) -> Iterator[None]:
     handler = _NoticeFile(log_file, delay=True)   # no file until something is said
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     saved = []
