@@ -22,5 +22,5 @@ def _deterministic_torch():
 @pytest.fixture
 def shared_assets() -> Path:
     if not SHARED_ASSETS.is_dir():
-        pytest.skip(f"offline assets not found at {SHARED_ASSETS} (see DESIGN.md: tests read ../shared/assets)")
+        pytest.skip(f"offline assets not found at {SHARED_ASSETS} (real weights and images, next to the checkout)")
     return SHARED_ASSETS

@@ -2,7 +2,7 @@
 
 `pick_winner` works on the trials frame alone (`results.trials_frame`), so `export` and the driver's `best.json`
 choose by exactly the same rule; `freeze_trial` reads the study storage (user attrs of "Study storage" in
-docs/interfaces.md) and returns the full frozen config of DESIGN.md section 3.
+docs/interfaces.md) and returns the full frozen config of docs/design.md section 3.
 """
 
 from __future__ import annotations
