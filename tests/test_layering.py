@@ -148,3 +148,42 @@ def test_the_study_uses_strategies_and_no_strategy_knows_the_study():
         into_study = sorted(m for m in graph[module] if m.startswith("dsm_tune.search.study"))
         assert not into_study, f"{module} imports {into_study}"
     assert any(m.startswith("dsm_tune.search.strategies") for m in graph["dsm_tune.search.study.loop"])
+
+
+MAX_CLASS_LINES = 200
+MAX_FUNCTION_LINES = 50
+
+
+def _oversized(source: str, where: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        lines = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+        if isinstance(node, ast.ClassDef) and lines > MAX_CLASS_LINES:
+            found.append(f"{where}: class {node.name} has {lines} lines")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and lines > MAX_FUNCTION_LINES:
+            found.append(f"{where}: {node.name}() has {lines} lines")
+    return found
+
+
+def test_search_classes_and_functions_stay_small():
+    """A class that outgrows 200 lines or a function 50 in `search/` has taken on a second concern: split it."""
+    found = [line for path in sorted((PACKAGE / "search").rglob("*.py"))
+             for line in _oversized(path.read_text(), str(path.relative_to(PACKAGE)))]
+    assert not found, "; ".join(found)
+
+
+def test_the_size_check_sees_a_long_function_and_a_long_class():
+    long_function = "def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES
+    long_class = "class C:\n" + "    x = 1\n" * MAX_CLASS_LINES
+    short = "def g():\n" + "    x = 1\n" * (MAX_FUNCTION_LINES - 1)
+    assert _oversized(long_function, "a.py") == [f"a.py: f() has {MAX_FUNCTION_LINES + 1} lines"]
+    assert _oversized(long_class, "b.py") == [f"b.py: class C has {MAX_CLASS_LINES + 1} lines"]
+    assert _oversized(short, "c.py") == []
+
+
+@pytest.mark.parametrize("name", ["seed_kind", "accuracy_drop"])
+def test_trial_attributes_are_spelled_only_in_the_record_schema(name):
+    """Every module names a trial attribute through `dsm_tune/record.py`, so a rename is one edit."""
+    spelled = [str(path.relative_to(PACKAGE)) for path in sorted(PACKAGE.rglob("*.py"))
+               if path != PACKAGE / "record.py" and f'"{name}"' in path.read_text()]
+    assert not spelled, f'"{name}" spelled out in {spelled}'
