@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fronts import front_latency_at, hypervolume, study_points  # noqa: E402
+from fronts import as_fast_at, best_speedup_within, front_latency_at, hypervolume, study_points  # noqa: E402
 
 from dsm_tune.merging import DSMConfig, Stage  # noqa: E402
 from dsm_tune.search.study import DEFAULT_SAMPLER, StudySpec, run_study  # noqa: E402
@@ -131,22 +131,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<14} {mean:>8.4f} {min(values):>8.4f} {max(values):>8.4f} {vs_tome:>8} {vs_random:>10}")
 
     # Dominance of the ToMe sweep: at each ToMe point's accuracy drop, is the method's front at least as fast?
-    feasible = [(d, r) for d, r in tome_points if d <= args.max_drop]
     for method, method_fronts in fronts.items():
         for seed, points in zip(args.seeds, method_fronts):
-            faster = sum(front_latency_at(points, d) <= r for d, r in feasible)
-            strictly = sum(front_latency_at(points, d) < r - 1e-9 for d, r in feasible)
-            gains = [r / front_latency_at(points, d) for d, r in feasible
-                     if math.isfinite(front_latency_at(points, d))]
+            faster, feasible = as_fast_at(points, tome_points, args.max_drop)
+            at_sweep = [(r, front_latency_at(points, d)) for d, r in tome_points if d <= args.max_drop]
+            strictly = sum(latency < r - 1e-9 for r, latency in at_sweep)
+            gains = [r / latency for r, latency in at_sweep if math.isfinite(latency)]
             gain = f", latency ratio ToMe/tuned at equal drop: median {statistics.median(gains):.3f}" if gains else ""
-            best = front_latency_at(points, args.max_drop)
-            best_text = f"{1 / best:.3f}x" if math.isfinite(best) and best > 0 else "none"
-            print(f"{method} seed {seed}: best speedup within {args.max_drop:g} points {best_text}; at the drop of "
-                  f"each feasible ToMe point its front is as fast or faster for {faster}/{len(feasible)} (strictly "
-                  f"faster for {strictly}){gain}")
-    sweep_best = front_latency_at(tome_points, args.max_drop)
-    if math.isfinite(sweep_best) and sweep_best > 0:
-        print(f"tome-sweep: best speedup within {args.max_drop:g} points {1 / sweep_best:.3f}x")
+            print(f"{method} seed {seed}: best speedup within {args.max_drop:g} points "
+                  f"{best_speedup_within(points, args.max_drop):.3f}x; at the drop of each feasible ToMe point its "
+                  f"front is as fast or faster for {faster}/{feasible} (strictly faster for {strictly}){gain}")
+    print(f"tome-sweep: best speedup within {args.max_drop:g} points "
+          f"{best_speedup_within(tome_points, args.max_drop):.3f}x")
     return 0
 
 

@@ -157,11 +157,15 @@ MAX_FUNCTION_LINES = 50
 def _oversized(source: str, where: str) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(source)):
-        lines = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
-        if isinstance(node, ast.ClassDef) and lines > MAX_CLASS_LINES:
-            found.append(f"{where}: class {node.name} has {lines} lines")
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and lines > MAX_FUNCTION_LINES:
-            found.append(f"{where}: {node.name}() has {lines} lines")
+        if isinstance(node, ast.ClassDef):
+            kind, bound = f"class {node.name}", MAX_CLASS_LINES
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            kind, bound = f"{node.name}()", MAX_FUNCTION_LINES
+        else:
+            continue
+        lines = node.end_lineno - node.lineno + 1
+        if lines > bound:
+            found.append(f"{where}: {kind} has {lines} lines")
     return found
 
 

@@ -3,8 +3,8 @@
 Both files show the same picture: every measured trial faint, the Pareto front stepped and highlighted, the
 dense and ToMe/paper seeds marked, trials with a noisy speedup crossed, the region over the study's accuracy-drop
 limit shaded, and the trial that `export` picks by default starred. Latencies are the study's dense reference
-over each trial's speedup (`dsm_tune.search.dense_reference`), the dense line is that reference. They are built from the trials frame alone, so `report` can redraw them from
-the study storage without the driver.
+over each trial's speedup (`dsm_tune.search.dense_reference`), the dense line is that reference. They are built
+from the trials frame alone, so `report` can redraw them from the study storage without the driver.
 """
 
 from __future__ import annotations
