@@ -111,7 +111,10 @@ class Stage:
     def from_dict(cls, data: Any, where: str = "stage", version: int = FORMAT_VERSION) -> "Stage":
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where} must be an object like {{'blocks': 4, 'ratio': 0.1}}, got {data!r}")
-        _reject_unknown_keys(data, {"blocks", "ratio", "r"} | ({"operator"} if version >= 2 else set()), where)
+        if "operator" in data and version < 2:
+            raise ConfigError(f"unknown field(s) 'operator' in {where}: per-stage operators need config version 2, "
+                              f"this document is version {version}")
+        _reject_unknown_keys(data, {"blocks", "ratio", "r", "operator"}, where)
         _require_keys(data, ["blocks"], where)
         stage = cls(blocks=data["blocks"], ratio=data.get("ratio"), r=data.get("r"),
                     operator=data.get("operator", DEFAULT_OPERATOR))

@@ -266,8 +266,9 @@ def test_a_version_1_document_cannot_name_an_operator(tmp_path):
     model = tiny_vit()
     document = delayed(model, "prune").to_dict()
     document["version"] = 1
-    with pytest.raises(ConfigError, match=r"unknown field\(s\) 'operator' in merge.stages\[0\]"):
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) 'operator' in merge.stages\[0\]") as refused:
         DSMConfig.from_dict(document)
+    assert "operators need config version 2, this document is version 1" in str(refused.value)
 
 
 def test_an_unknown_operator_is_named():
